@@ -18,9 +18,9 @@ from .core import (PROFILES, SlmopsError, Timer, check_profile, env_report, new_
                             read_json, to_jsonable, write_json, atomic_write_text)
 
 # %% auto #0
-__all__ = ['RUNNER_PARAMS', 'notebooks_dir', 'list_chapters', 'find_chapter', 'chapter_parameters', 'parse_param', 'coerce',
-           'describe_parameters', 'check_params', 'ChapterFailed', 'run_chapter', 'run_workbook', 'flatten',
-           'render_report', 'write_summary', 'summary_table', 'main']
+__all__ = ['RUNNER_PARAMS', 'HEADLINE_WORDS', 'notebooks_dir', 'list_chapters', 'find_chapter', 'chapter_parameters',
+           'parse_param', 'coerce', 'describe_parameters', 'check_params', 'ChapterFailed', 'run_chapter',
+           'run_workbook', 'flatten', 'render_report', 'write_summary', 'summary_table', 'main']
 
 # %% ../nbs/00c_cli.ipynb #c005
 RUNNER_PARAMS = ("profile", "out_dir")
@@ -181,11 +181,14 @@ def write_summary(run: Path, summary: dict):
     write_json(run/"summary.json", summary)
     atomic_write_text(run/"report.md", render_report(to_jsonable(summary)))
 
+HEADLINE_WORDS = ("accuracy", "retention", "ratio", "speedup")  # metrics shown first in the summary table
+
 def summary_table(summary: dict, width: int = 4) -> str:
     "A plain-text table: chapter, status, seconds and its first numeric metrics."
     rows = []
     for c in summary["chapters"]:
-        nums = [(k, v) for k, v in flatten(c["metrics"]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:width]
+        nums = [(k, v) for k, v in flatten(c["metrics"]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        nums = sorted(nums, key=lambda kv: not any(w in kv[0] for w in HEADLINE_WORDS))[:width]
         rows.append((c["chapter"], c["status"], f"{c['seconds']:.1f}", "  ".join(f"{k}={_fmt(v)}" for k, v in nums)))
     w = [max(len(r[i]) for r in rows + [("chapter", "status", "seconds", "")]) for i in range(3)]
     head = f"{'chapter':{w[0]}}  {'status':{w[1]}}  {'seconds':>{w[2]}}  headline metrics"

@@ -17,6 +17,7 @@ import statistics
 import threading
 import time
 import uuid
+import warnings
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Any, Callable
 
 import psutil
 from filelock import FileLock
+
+# tqdm.auto warns in notebooks without ipywidgets; the workbook prints plain progress lines instead.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 # %% auto #0
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',

@@ -11,16 +11,20 @@ import json
 import random
 import string
 from collections import Counter, defaultdict
+from importlib.resources import files
 from pathlib import Path
 
 from .core import SlmopsError, atomic_write_text
 
 # %% auto #0
-__all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS',
-           'stratified_split', 'generate_workbench_data', 'DataError', 'load_records', 'template_fields',
-           'render_template', 'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split']
+__all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'DataError',
+           'stratified_split', 'generate_workbench_data', 'load_records', 'template_fields', 'render_template',
+           'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split']
 
 # %% ../nbs/00a_data.ipynb #c005
+class DataError(SlmopsError):
+    "Bad input data: the message names the file, the problem and the fix."
+
 TONES = ("joy", "sadness", "anger", "fear", "surprise", "neutral")
 TONE_WEIGHTS = {"neutral": 0.22, "joy": 0.21, "sadness": 0.17, "anger": 0.15, "fear": 0.14, "surprise": 0.11}
 TONE_TEMPLATE = "<|user|>{phrase}\n<|assistant|>{tone}"  # Olive's phrase-classification style
@@ -244,7 +248,7 @@ def _instructions_and_catalog(rng: random.Random):
     return qa, catalog
 
 # %% ../nbs/00a_data.ipynb #c010
-DATA_DIR = Path(__file__).parent/"data" if "__file__" in globals() else Path("../slmops_nb/data")
+DATA_DIR = Path(str(files("slmops_nb")/"data"))  # the data shipped inside the package
 WORKBENCH_FILES = ("tones_train.jsonl", "tones_validation.jsonl", "tones_test.jsonl",
                    "unlabeled.jsonl", "instructions_train.jsonl", "instructions_validation.jsonl",
                    "instructions_test.jsonl", "catalog.jsonl")
@@ -252,10 +256,10 @@ SPLIT_FRACTIONS = {"train": 0.75, "validation": 0.125, "test": 0.125}
 
 def stratified_split(records: list[dict], key: str, fractions: dict = SPLIT_FRACTIONS, seed: int = 0) -> dict:
     "Split `records` into `fractions` (name → share) keeping each `key` value's proportions."
-    if not records: raise SlmopsError("stratified_split: no records to split.")
+    if not records: raise DataError("stratified_split: no records to split.")
     if abs(sum(fractions.values()) - 1) > 1e-9: raise SlmopsError(f"Split fractions must sum to 1, got {fractions}.")
     missing = [i for i, r in enumerate(records) if key not in r]
-    if missing: raise SlmopsError(f"stratified_split: record {missing[0]} has no column {key!r}; columns: {sorted(records[missing[0]])}.")
+    if missing: raise DataError(f"stratified_split: record {missing[0]} has no column {key!r}; columns: {sorted(records[missing[0]])}.")
     rng, groups, out = random.Random(seed), defaultdict(list), {k: [] for k in fractions}
     for r in records: groups[r[key]].append(r)
     for label in sorted(groups, key=str):
@@ -298,9 +302,6 @@ def generate_workbench_data(out_dir=None, n_labeled: int = 3600, n_unlabeled: in
     return {name: len(recs) for name, recs in files.items()}
 
 # %% ../nbs/00a_data.ipynb #c015
-class DataError(SlmopsError):
-    "Bad input data: the message names the file, the problem and the fix."
-
 def _read_json(path: Path) -> list[dict]:
     try: obj = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8.") from e

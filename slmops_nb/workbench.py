@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from .core import (SlmopsError, Timer, artifact_info, cached_artifact, dir_size, file_hash,  # first: it quiets tqdm
+                            latency_stats, model_size, seed_everything, write_json)
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback,
@@ -17,8 +19,6 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .core import (SlmopsError, Timer, artifact_info, cached_artifact, dir_size, file_hash,
-                            latency_stats, model_size, seed_everything, write_json)
 from .data import (DATA_DIR, TONES, WORKBENCH_FILES, chat_text, instruction_split,
                             tone_split, workbench_records)
 
@@ -205,11 +205,13 @@ def accuracy(pred: list[str], gold: list[str]) -> float:
     return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
 def size_and_latency(model, tokenizer, phrase: str, repeats: int = 20, path=None) -> dict:
-    "Parameters, weight bytes, folder size and latency (p50/p95 ms) of classifying one phrase."
+    "Parameters, bytes, and latency (p50/p95 ms) of one forward pass and of classifying one phrase."
     size = model_size(model)
+    enc = tokenizer([chat_text(tokenizer, phrase)], return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad(): fwd = latency_stats(lambda: model(**enc), repeats=repeats)
     lat = latency_stats(lambda: classify(model, tokenizer, [phrase]), repeats=repeats)
     return {"params": size["params"], "weight_bytes": size["weight_bytes"], "disk_bytes": dir_size(path) if path else None,
-            "latency_ms_p50": lat["p50_ms"], "latency_ms_p95": lat["p95_ms"]}
+            "forward_ms_p50": fwd["p50_ms"], "latency_ms_p50": lat["p50_ms"], "latency_ms_p95": lat["p95_ms"]}
 
 # %% ../nbs/00b_workbench.ipynb #c015
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> dict:

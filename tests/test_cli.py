@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from slmops_nb.cli import list_chapters, notebooks_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+SLMOPS = str(Path(sys.executable).parent/"slmops")
+
+
+def slmops(*args, **kw):
+    return subprocess.run([SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def test_list_shows_chapters_and_parameters():
+    r = slmops("list")
+    assert r.returncode == 0, r.stderr
+    assert "01_introduction:" in r.stdout and "eval_limit: int = 0" in r.stdout and "profile: str" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["01", "-p", "no_such=1"], "Unknown parameter(s) ['no_such']. The chapters take:"),
+    (["01", "-p", "eval_limit=many"], "parameter eval_limit must be int (default 0), got 'many'"),
+    (["01", "-p", "eval_limit=True"], "parameter eval_limit must be int"),
+    (["01", "-p", "out_dir=/tmp/x"], "are set by the runner"),
+    (["99"], "Unknown chapter '99'; chapters: 01_introduction"),
+    (["01", "-p", "eval_limit"], "is not NAME=VALUE"),
+])
+def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, message):
+    out = tmp_path/"run"; out.mkdir(); (out/"keep.txt").write_text("earlier results")
+    r = slmops("run", *args, "--out", out)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out/"keep.txt").read_text() == "earlier results"
+
+
+def test_unknown_parameter_lists_the_parameters(tmp_path):
+    r = slmops("run", "01", "-p", "teacher=x", "--out", tmp_path)
+    assert "01_introduction:" in r.stderr and "teacher_model: str" in r.stderr and "seed: int = 0" in r.stderr
+
+
+def test_bad_profile_is_refused():
+    r = slmops("run", "--profile", "fast")
+    assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr
+
+
+def _notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell('profile: str = "default"\nout_dir: str = ""')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+def test_failing_chapter_stops_the_run_and_names_cell_and_notebook(tmp_path):
+    nbs = tmp_path/"nbs"; nbs.mkdir()
+    _notebook(nbs/"01_ok.ipynb", "import json, pathlib\npathlib.Path(out_dir, 'metrics.json').write_text(json.dumps({'x': 1}))")
+    _notebook(nbs/"02_fail.ipynb", "raise ValueError('the data has no tone column')")
+    _notebook(nbs/"03_never.ipynb", "open('/tmp/should-not-run', 'w')")
+    out = tmp_path/"run"
+    r = slmops("run", "--nbs", nbs, "--out", out, "--profile", "smoke", "--no-progress")
+    assert r.returncode == 2
+    assert "Chapter 02_fail failed in cell [3]" in r.stderr and "ValueError: the data has no tone column" in r.stderr
+    assert f"open the executed notebook: {out.resolve()/'02_fail'/'02_fail.ipynb'}" in r.stderr
+    assert (out/"02_fail"/"02_fail.ipynb").exists() and not (out/"03_never").exists()
+    summary = json.loads((out/"summary.json").read_text())
+    assert [(c["chapter"], c["status"]) for c in summary["chapters"]] == [("01_ok", "ok"), ("02_fail", "failed")]
+    assert json.loads((out/"01_ok"/"metrics.json").read_text()) == {"x": 1}
+    assert "02_fail" in (out/"report.md").read_text()
+
+
+def test_whole_workbook_smoke_run(tmp_path):
+    "slmops run --profile smoke: every chapter under papermill, offline, into a temporary folder."
+    out = tmp_path/"smoke"
+    r = slmops("run", "--profile", "smoke", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    chapters = [p.stem for p in list_chapters(notebooks_dir())]
+    summary = json.loads((out/"summary.json").read_text())
+    assert [c["chapter"] for c in summary["chapters"]] == chapters
+    assert all(c["status"] == "ok" for c in summary["chapters"])
+    for ch in chapters:
+        metrics = json.loads((out/ch/"metrics.json").read_text())
+        assert metrics and metrics["profile"] == "smoke", ch
+        assert (out/ch/f"{ch}.ipynb").exists() and list((out/ch).glob("*.png")), ch
+    intro = json.loads((out/"01_introduction"/"metrics.json").read_text())
+    for key in ("teacher_params", "teacher_test_accuracy", "base_params", "teacher_latency_ms_p50"):
+        assert key in intro
+    assert intro["teacher_test_accuracy"] >= 0.90 and intro["teacher_params"] > intro["base_params"]
+    report = (out/"report.md").read_text()
+    assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
+    assert "headline metrics" in r.stdout and "summary:" in r.stdout
