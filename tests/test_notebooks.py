@@ -59,3 +59,11 @@ def test_docs_preprocess(tmp_path):
     pages = [p for item in cfg["website"]["sidebar"]["contents"]
              for p in ([item] if isinstance(item, str) else item["contents"])]
     assert pages and all((proc/p).exists() for p in pages), pages
+
+
+def test_readme_is_generated_from_index():
+    "README.md is nbs/index.ipynb as Markdown (regenerate: jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md)."
+    r = subprocess.run([BIN/"jupyter", "nbconvert", "--to", "markdown", "--stdout", ROOT/"nbs"/"index.ipynb"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (ROOT/"README.md").read_text() == r.stdout
