@@ -207,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     l = sub.add_parser("list", help="show the chapters with their parameters and defaults")
     l.add_argument("--nbs", help="folder holding the chapter notebooks")
+    w = sub.add_parser("workbench", help="build (or load) the workbench models and time it")
+    w.add_argument("--fresh", action="store_true", help="build from nothing in a temporary cache (measures a cold build)")
+    w.add_argument("--json", help="write the timings to this JSON file")
     return ap
 
 def main(argv=None) -> int:
@@ -216,6 +219,12 @@ def main(argv=None) -> int:
         if args.command == "list":
             nbs = notebooks_dir(args.nbs)
             print(describe_parameters({p.stem: chapter_parameters(p) for p in list_chapters(nbs)}))
+            return 0
+        if args.command == "workbench":
+            from slmops_nb.workbench import benchmark_workbench
+            result = benchmark_workbench(fresh=args.fresh)
+            print(json.dumps(to_jsonable(result), indent=2))
+            if args.json: write_json(args.json, result)
             return 0
         params = dict(parse_param(p) for p in args.param)
         summary = run_workbook(args.chapters, args.profile, args.out, params, args.nbs, progress=not args.no_progress)

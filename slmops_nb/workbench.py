@@ -27,7 +27,7 @@ __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SP
            'STUDENT_ARCH', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer', 'resolve_model', 'load_tokenizer',
            'load_model', 'encode_texts', 'encode_chats', 'PadCollator', 'EpochLogger', 'train_causal_lm', 'generate',
            'normalize_label', 'classify', 'accuracy', 'size_and_latency', 'model_spec', 'new_model', 'save_model',
-           'workbench_path', 'build_workbench']
+           'workbench_path', 'build_workbench', 'benchmark_workbench']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -272,3 +272,23 @@ def build_workbench() -> dict:
     with Timer() as t:
         paths = {"tokenizer": build_tokenizer(), **{n: workbench_path(n) for n in MODEL_SPECS}}
     return {"seconds": t.seconds, **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]} for n, p in paths.items()}}
+
+def benchmark_workbench(fresh: bool = False) -> dict:
+    "Time building the workbench (into an empty cache when `fresh`), re-loading it from cache, and the teacher's accuracy."
+    import tempfile
+    old = os.environ.get("SLMOPS_CACHE")
+    with tempfile.TemporaryDirectory(prefix="slmops-cache-") as tmp:
+        if fresh: os.environ["SLMOPS_CACHE"] = tmp
+        try:
+            built = build_workbench()
+            with Timer() as cached: build_workbench()
+            with Timer() as load: teacher, tok = load_model("workbench:teacher"), load_tokenizer("workbench:teacher")
+            test = tone_split("test")
+            acc = accuracy(classify(teacher, tok, [r["phrase"] for r in test]), [r["tone"] for r in test])
+        finally:
+            if old is None: os.environ.pop("SLMOPS_CACHE", None)
+            else: os.environ["SLMOPS_CACHE"] = old
+    return {"fresh": fresh, "build_seconds": built["seconds"],
+            "artifact_build_seconds": {k: v["build_seconds"] for k, v in built.items() if k != "seconds"},
+            "cached_seconds": cached.seconds, "teacher_load_seconds": load.seconds, "teacher_test_accuracy": acc,
+            "torch_threads": torch.get_num_threads()}
