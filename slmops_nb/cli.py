@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from .core import (PROFILES, SlmopsError, Timer, check_profile, env_report, new_run_dir,
@@ -162,7 +161,7 @@ def _fmt(v) -> str:
 def render_report(summary: dict) -> str:
     "Markdown report of a run: overview table, then each chapter's metrics and plots."
     env = summary["env"]
-    lines = [f"# SLMOps Workbook run", "", f"- run folder: `{summary['run']}`", f"- profile: `{summary['profile']}`",
+    lines = ["# SLMOps Workbook run", "", f"- run folder: `{summary['run']}`", f"- profile: `{summary['profile']}`",
              f"- machine: {env['cpu']}, {env['cores_logical']} cores, {env['memory_gib']} GiB"
              + (f", GPUs: {', '.join(env['gpus'])}" if env["gpus"] else ", no GPU"),
              f"- torch {env['packages'].get('torch')}, transformers {env['packages'].get('transformers')}", "",

@@ -10,7 +10,7 @@ import io
 import json
 import random
 import string
-from collections import Counter, defaultdict
+from collections import defaultdict
 from importlib.resources import files
 from pathlib import Path
 

@@ -5,9 +5,7 @@
 # %% ../nbs/00b_workbench.ipynb #c003
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 from .core import (SlmopsError, Timer, artifact_info, cached_artifact, dir_size, file_hash,  # first: it quiets tqdm

@@ -8,7 +8,7 @@ import torch
 
 from slmops_nb.core import (PeakMemory, SlmopsError, atomic_dir, atomic_write_text, by_profile, cached_artifact,
                             chapter_dir, content_hash, env_report, latency_stats, model_size, new_run_dir,
-                            read_json, seed_everything, write_metrics)
+                            seed_everything, write_metrics)
 
 
 def test_atomic_write_keeps_old_file_when_write_fails(tmp_path):
