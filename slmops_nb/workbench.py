@@ -17,15 +17,15 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .data import (DATA_DIR, TONES, WORKBENCH_FILES, chat_text, instruction_split,
+from .data import (DATA_DIR, TONES, WORKBENCH_FILES, chat_messages, chat_text, instruction_split,
                             tone_split, workbench_records)
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'WORKBENCH_PREFIX', 'MODEL_SPECS',
-           'STUDENT_ARCH', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer', 'resolve_model', 'load_tokenizer',
-           'load_model', 'encode_texts', 'encode_chats', 'PadCollator', 'EpochLogger', 'train_causal_lm', 'generate',
-           'normalize_label', 'classify', 'accuracy', 'size_and_latency', 'model_spec', 'new_model', 'save_model',
-           'workbench_path', 'build_workbench', 'benchmark_workbench']
+           'STUDENT_ARCH', 'pretraining_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
+           'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts', 'encode_chats', 'PadCollator',
+           'EpochLogger', 'train_causal_lm', 'generate', 'normalize_label', 'classify', 'accuracy', 'size_and_latency',
+           'model_spec', 'new_model', 'save_model', 'workbench_path', 'build_workbench', 'benchmark_workbench']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -38,16 +38,19 @@ TOKENIZER_SPEC = {"vocab_size": 2048, "min_frequency": 2}
 def _data_fingerprint() -> dict:
     return {f: file_hash(DATA_DIR/f) for f in WORKBENCH_FILES}
 
-def _chat_raw(user: str, assistant: str) -> str:  # the chat template, without needing a tokenizer
-    return f"<|user|>\n{user}<|end|>\n<|assistant|>\n{assistant}<|end|>\n"
+def _render_chat(user: str, assistant: str) -> str:
+    "CHAT_TEMPLATE applied to one exchange before any tokenizer exists (the tokenizer is trained on these)."
+    import jinja2
+    return jinja2.Template(CHAT_TEMPLATE).render(messages=chat_messages(user, assistant), add_generation_prompt=False)
+
+def pretraining_texts() -> list[str]:
+    "The base model's pretraining text: unlabeled phrases and the shop catalog (no labels)."
+    return [r["phrase"] for r in workbench_records("unlabeled")] + [r["text"] for r in workbench_records("catalog")]
 
 def tokenizer_corpus() -> list[str]:
     "Every workbench text, in the shape the models will see it."
-    texts = [r["phrase"] for r in workbench_records("unlabeled")]
-    texts += [r["text"] for r in workbench_records("catalog")]
-    texts += [_chat_raw(r["phrase"], r["tone"]) for r in tone_split("train")]
-    texts += [_chat_raw(r["question"], r["answer"]) for r in instruction_split("train")]
-    return texts
+    return (pretraining_texts() + [_render_chat(r["phrase"], r["tone"]) for r in tone_split("train")]
+            + [_render_chat(r["question"], r["answer"]) for r in instruction_split("train")])
 
 def _build_tokenizer(out: Path, spec: dict):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,21 +89,18 @@ def _check_model_dir(path: Path) -> Path:
 def resolve_model(name_or_path) -> str | Path:
     "A workbench name → its built folder; a folder → checked folder; anything else is a hub id."
     s = str(name_or_path)
-    if s.startswith(WORKBENCH_PREFIX):
-        return workbench_path(s[len(WORKBENCH_PREFIX):])
+    if s == WORKBENCH_PREFIX + "tokenizer": return build_tokenizer()
+    if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])
     p = Path(s).expanduser()
-    if p.exists(): return _check_model_dir(p) if p.is_dir() else _raise_not_dir(p)
+    if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
+    if p.is_dir(): return _check_model_dir(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise SlmopsError(f"{s}: model folder not found. Check the path, or give a hub id such as 'owner/name'.")
     return s
 
-def _raise_not_dir(p):
-    raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
-
 def load_tokenizer(name_or_path="workbench:base", **kwargs):
     "Tokenizer of a workbench name, model folder or hub id (left padding, for batched generation)."
-    src = resolve_model(name_or_path) if not str(name_or_path) == "workbench:tokenizer" else build_tokenizer()
-    tok = AutoTokenizer.from_pretrained(src, **kwargs)
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
     tok.padding_side = "left"
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
@@ -159,12 +159,11 @@ def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | N
     import tempfile
     if not train: raise SlmopsError(f"{name}: no training examples.")
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
+    defaults = dict(lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10, save_strategy="no", report_to=[],
+                    eval_strategy="epoch" if eval else "no")
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr,
-        lr_scheduler_type=training_args.pop("lr_scheduler_type", "cosine"), warmup_steps=training_args.pop("warmup_steps", 0.05),
-        logging_steps=training_args.pop("logging_steps", 10), eval_strategy="epoch" if eval else "no",
-        save_strategy=training_args.pop("save_strategy", "no"), report_to=training_args.pop("report_to", []),
-        disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), **training_args)
+        disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), **{**defaults, **training_args})
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval,
                       data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[EpochLogger(name), *callbacks])
     trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
@@ -237,9 +236,7 @@ def new_model(tokenizer, arch: dict, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 def _training_data(kind: str, tokenizer, max_length: int):
-    if kind == "pretrain":
-        texts = [r["phrase"] for r in workbench_records("unlabeled")] + [r["text"] for r in workbench_records("catalog")]
-        return encode_texts(tokenizer, texts, max_length), None
+    if kind == "pretrain": return encode_texts(tokenizer, pretraining_texts(), max_length), None
     pairs = lambda split: [(r["phrase"], r["tone"]) for r in tone_split(split)]
     return encode_chats(tokenizer, pairs("train"), max_length), encode_chats(tokenizer, pairs("validation"), max_length)
 
