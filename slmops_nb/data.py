@@ -18,8 +18,8 @@ from .core import SlmopsError, atomic_write_text
 
 # %% auto #0
 __all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'DataError',
-           'stratified_split', 'generate_workbench_data', 'load_records', 'template_fields', 'render_template',
-           'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split']
+           'stratified_split', 'write_jsonl', 'generate_workbench_data', 'load_records', 'template_fields',
+           'render_template', 'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split']
 
 # %% ../nbs/00a_data.ipynb #c005
 class DataError(SlmopsError):
@@ -275,6 +275,10 @@ def stratified_split(records: list[dict], key: str, fractions: dict = SPLIT_FRAC
 def _jsonl(records) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
+def write_jsonl(path, records) -> Path:
+    "Write records as JSON lines, atomically."
+    return atomic_write_text(path, _jsonl(records))
+
 def generate_workbench_data(out_dir=None, n_labeled: int = 3600, n_unlabeled: int = 6000, seed: int = DATA_SEED) -> dict:
     "Write the workbench data files into `out_dir` (default: the package's data folder); return counts."
     out_dir = Path(out_dir or DATA_DIR)
@@ -298,7 +302,7 @@ def generate_workbench_data(out_dir=None, n_labeled: int = 3600, n_unlabeled: in
     files["unlabeled.jsonl"] = pool
     files.update({f"instructions_{k}.jsonl": v for k, v in qsplits.items()})
     files["catalog.jsonl"] = catalog
-    for name, recs in files.items(): atomic_write_text(out_dir/name, _jsonl(recs))
+    for name, recs in files.items(): write_jsonl(out_dir/name, recs)
     return {name: len(recs) for name, recs in files.items()}
 
 # %% ../nbs/00a_data.ipynb #c015

@@ -142,20 +142,23 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 class EpochLogger(TrainerCallback):
-    "Print one line per epoch (train loss, eval loss if any) instead of a progress flood."
-    def __init__(self, name: str = "train"): self.name = name
+    "Print about `lines` progress lines per training run (train loss, eval loss if any) instead of a progress flood."
+    def __init__(self, name: str = "train", lines: int = 10): self.name, self.lines, self.last = name, lines, -1
     def on_epoch_end(self, args, state, control, **kw):
+        every = max(1, state.max_steps // self.lines)
+        if state.global_step // every == self.last // every and state.global_step < state.max_steps: return
+        self.last = state.global_step
         losses = [h["loss"] for h in state.log_history if "loss" in h]
         evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
-        msg = f"{self.name}: epoch {state.epoch:.0f}/{args.num_train_epochs:.0f} step {state.global_step}/{state.max_steps}"
+        msg = f"{self.name}: epoch {state.epoch:.0f}/{state.num_train_epochs} step {state.global_step}/{state.max_steps}"
         if losses: msg += f" loss {losses[-1]:.3f}"
         if evals: msg += f" eval_loss {evals[-1]:.3f}"
         print(msg, flush=True)
 
 def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | None = None, epochs: float = 1,
                     lr: float = 1e-3, batch_size: int = 16, seed: int = 0, output_dir=None, name: str = "train",
-                    callbacks=(), **training_args) -> dict:
-    "Train `model` on encoded examples with the HF Trainer; returns the loss history and seconds."
+                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, **training_args) -> dict:
+    "Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds."
     import tempfile
     if not train: raise SlmopsError(f"{name}: no training examples.")
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
@@ -164,8 +167,8 @@ def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | N
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr,
         disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), **{**defaults, **training_args})
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[EpochLogger(name), *callbacks])
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval, callbacks=[EpochLogger(name), *callbacks],
+                          data_collator=PadCollator(tokenizer.pad_token_id), **(trainer_kwargs or {}))
     trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
     with Timer() as t: trainer.train()
     model.eval()

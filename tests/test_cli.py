@@ -90,6 +90,12 @@ def test_whole_workbook_smoke_run(tmp_path):
     for key in ("teacher_params", "teacher_test_accuracy", "base_params", "teacher_latency_ms_p50"):
         assert key in intro
     assert intro["teacher_test_accuracy"] >= 0.90 and intro["teacher_params"] > intro["base_params"]
+    distill = json.loads((out/"02_distillation"/"metrics.json").read_text())
+    for key in ("teacher_accuracy", "student_gold_only_accuracy", "student_seq_kd_accuracy", "student_logit_kd_accuracy",
+                "retention", "param_ratio", "latency_ratio", "memory_ratio", "synthetic_examples_kept", "synthetic_examples_total"):
+        assert key in distill, key
+    assert 0 < distill["synthetic_examples_kept"] <= distill["synthetic_examples_total"] and distill["param_ratio"] < 0.1
+    assert (out/"02_distillation"/"synthetic.jsonl").exists() and (out/"02_distillation"/"student"/"config.json").exists()
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout

@@ -10,9 +10,12 @@ BIN = Path(sys.executable).parent
 
 
 def test_nbdev_test_passes(tmp_path):
-    "Every notebook runs top to bottom (its cells are the module's unit tests)."
+    "Every library notebook runs top to bottom (its cells are the module's unit tests)."
     env = {**os.environ, "SLMOPS_RUNS_ROOT": str(tmp_path/"runs")}
-    r = subprocess.run([BIN/"nbdev_test", "--n_workers", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    # Chapters (01_ ... 09_) are left out here: nbdev_test would run them in the default profile, and the
+    # whole-workbook smoke run (test_cli) already executes every one of their cells under papermill.
+    r = subprocess.run([BIN/"nbdev_test", "--n_workers", "1", "--skip_file_re", "^([_.]|0[1-9]_)"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 
 
