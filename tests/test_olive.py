@@ -1,0 +1,42 @@
+import re
+
+import pytest
+
+from slmops_nb.core import SlmopsError
+from slmops_nb.data import tone_split, write_jsonl
+from slmops_nb.olive import OliveError, olive_finetune, run_olive
+from slmops_nb.workbench import resolve_model
+
+TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>\n"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path/"tones.jsonl", tone_split("train")[:16])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(method="dora"), "Unknown Olive fine-tuning method 'dora': use one of ('lora', 'qlora')"),
+    (dict(r=0), "LoRA rank must be at least 1, got 0"),
+    (dict(text_template="{phrase} -> {label}"), "label"),
+])
+def test_bad_olive_finetune_arguments_are_refused_before_olive_runs(tmp_path, data, kw, message):
+    kw = {"text_template": TEMPLATE, **kw}
+    with pytest.raises(SlmopsError, match=re.escape(message)):
+        olive_finetune("workbench:base", data, out=tmp_path/"out", **kw)
+    assert not (tmp_path/"out").exists() and not (tmp_path/"out.olive.log").exists()
+
+
+def test_olive_exit_0_without_output_is_an_error_and_keeps_earlier_output(tmp_path, data):
+    "A dry run exits 0 and writes no adapter: run_olive says so, names the log, and leaves the earlier output alone."
+    out = tmp_path/"lora"; out.mkdir(); (out/"earlier.txt").write_text("earlier adapter")
+    args = ["finetune", "-m", resolve_model("workbench:base"), "-d", "json", "--data_files", data, "--train_split", "train",
+            "--text_template", TEMPLATE, "--dry_run"]
+    with pytest.raises(OliveError, match=r"olive finetune exited 0 but did not write \['adapter/adapter_config.json'\]") as e:
+        run_olive(args, out, ["adapter/adapter_config.json"])
+    assert str(tmp_path/"lora.olive.log") in str(e.value) and "last lines of the log" in str(e.value)
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    args[2] = tmp_path/"no-model"
+    with pytest.raises(OliveError, match="(?s)olive finetune exited with code 1.*Repo id must be in the form"):
+        run_olive(args, out, [])
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
