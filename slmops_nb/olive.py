@@ -5,7 +5,6 @@
 # %% ../nbs/00d_olive.ipynb #9df2ad5a
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
