@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .core import SlmopsError, Timer, latency_stats, model_size, seed_everything  # first: it quiets tqdm
 from tqdm.auto import tqdm
 from .data import TONES, chat_messages, chat_text, write_jsonl
-from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, EpochLogger, classify, encode_chats, load_model,
-                                 load_tokenizer, new_model, normalize_label, train_causal_lm)
+from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, accuracy, classify, encode_chats, load_model,
+                                 load_tokenizer, new_model, normalize_label, run_trainer, stop_token_ids,
+                                 train_causal_lm, training_defaults)
 
 # %% auto #0
 __all__ = ['DROP_REASONS', 'STUDENT', 'METHODS', 'teacher_answers', 'drop_reason', 'validate_answers', 'synthesize',
@@ -26,16 +26,12 @@ __all__ = ['DROP_REASONS', 'STUDENT', 'METHODS', 'teacher_answers', 'drop_reason
            'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #fe699b37
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
-
 @torch.no_grad()
 def teacher_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 64,
                     progress: bool = True) -> list[dict]:
     "The model's greedy answer to each prompt, with its probability and whether the turn ended (else: truncated)."
     tokenizer.padding_side = "left"
-    stop = _stop_ids(tokenizer)
+    stop = stop_token_ids(tokenizer)
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="teacher answers", disable=not progress, mininterval=10):
         batch = prompts[i:i + batch_size]
@@ -160,15 +156,15 @@ def train_student(method: str, student, tokenizer, records: list[dict], *, steps
 def evaluate_classifier(model, tokenizer, records: list[dict], labels=TONES, repeats: int = 20, batch_size: int = 64,
                         input_key: str = "phrase", label_key: str = "tone") -> dict:
     "Accuracy, macro F1, size, single-request latency (p50/p95 ms) and batched throughput of a classifier."
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import f1_score
     inputs, gold = [r[input_key] for r in records], [r[label_key] for r in records]
     with Timer() as t: pred = classify(model, tokenizer, inputs, labels, batch_size)
     cycle = itertools.cycle(inputs)
     lat = latency_stats(lambda: classify(model, tokenizer, [next(cycle)], labels), repeats=repeats)
     size = model_size(model)
-    return {"accuracy": accuracy_score(gold, pred), "f1": f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0),
+    return {"accuracy": accuracy(pred, gold), "f1": f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0),
             "params": size["params"], "memory_bytes": size["total_bytes"], "latency_ms_p50": lat["p50_ms"],
-            "latency_ms_p95": lat["p95_ms"], "examples_per_second": len(inputs) / t.seconds, "predictions": pred}
+            "latency_ms_p95": lat["p95_ms"], "examples_per_second": len(inputs) / t.seconds}
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
 def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 32,
@@ -182,12 +178,6 @@ def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, l
     data = Dataset.from_list([{"messages": chat_messages(r[input_key], r[label_key])} for r in records])
     args = GKDConfig(output_dir=str(output_dir or tempfile.mkdtemp(prefix="slmops-gkd-")), max_steps=steps,
                      per_device_train_batch_size=batch_size, learning_rate=lr, temperature=temperature, lmbda=lmbda,
-                     beta=beta, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, logging_steps=10,
-                     save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-                     lr_scheduler_type="cosine", warmup_steps=0.05)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[EpochLogger("gkd")])
-    trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
-    with Timer() as t: trainer.train()
-    student.eval()
-    return {"train_seconds": t.seconds, "log_history": trainer.state.log_history}
+                     beta=beta, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, **training_defaults())
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+    return run_trainer(trainer, "gkd")

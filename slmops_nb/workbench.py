@@ -24,8 +24,9 @@ from .data import (DATA_DIR, TONES, WORKBENCH_FILES, chat_messages, chat_text, i
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'WORKBENCH_PREFIX', 'MODEL_SPECS',
            'STUDENT_ARCH', 'pretraining_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
            'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts', 'encode_chats', 'PadCollator',
-           'EpochLogger', 'train_causal_lm', 'generate', 'normalize_label', 'classify', 'accuracy', 'size_and_latency',
-           'model_spec', 'new_model', 'save_model', 'workbench_path', 'build_workbench', 'benchmark_workbench']
+           'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm', 'stop_token_ids', 'generate',
+           'normalize_label', 'classify', 'accuracy', 'size_and_latency', 'model_spec', 'new_model', 'save_model',
+           'workbench_path', 'build_workbench', 'benchmark_workbench']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -155,6 +156,19 @@ class EpochLogger(TrainerCallback):
         if evals: msg += f" eval_loss {evals[-1]:.3f}"
         print(msg, flush=True)
 
+def training_defaults() -> dict:
+    "TrainingArguments every workbook trainer shares: cosine schedule, short warm-up, no checkpoints, no progress bars."
+    return dict(lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10, save_strategy="no", report_to=[],
+                disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+
+def run_trainer(trainer, name: str = "train") -> dict:
+    "Train with a few `EpochLogger` lines instead of progress bars; returns the seconds and the loss history."
+    trainer.add_callback(EpochLogger(name))
+    trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
+    with Timer() as t: trainer.train()
+    trainer.model.eval()
+    return {"train_seconds": t.seconds, "log_history": trainer.state.log_history, "trainer": trainer}
+
 def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | None = None, epochs: float = 1,
                     lr: float = 1e-3, batch_size: int = 16, seed: int = 0, output_dir=None, name: str = "train",
                     callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, **training_args) -> dict:
@@ -162,26 +176,26 @@ def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | N
     import tempfile
     if not train: raise SlmopsError(f"{name}: no training examples.")
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
-    defaults = dict(lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10, save_strategy="no", report_to=[],
-                    eval_strategy="epoch" if eval else "no")
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr,
-        disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), **{**defaults, **training_args})
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval, callbacks=[EpochLogger(name), *callbacks],
+        per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr, seed=seed, data_seed=seed,
+        **{**training_defaults(), "eval_strategy": "epoch" if eval else "no", **training_args})
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval, callbacks=list(callbacks),
                           data_collator=PadCollator(tokenizer.pad_token_id), **(trainer_kwargs or {}))
-    trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
-    with Timer() as t: trainer.train()
-    model.eval()
-    return {"train_seconds": t.seconds, "log_history": trainer.state.log_history, "trainer": trainer}
+    return run_trainer(trainer, name)
 
 # %% ../nbs/00b_workbench.ipynb #c013
+def stop_token_ids(tokenizer) -> list[int]:
+    "Token ids that end an answer: the tokenizer's eos and the chat template's `<|end|>` (when it has one)."
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
              chat: bool = True) -> list[str]:
     "Greedy completions of `prompts` (user messages, wrapped in the chat template when `chat`)."
     tokenizer.padding_side = "left"
     texts = [chat_text(tokenizer, p) for p in prompts] if chat else list(prompts)
-    eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")} if isinstance(i, int) and i >= 0]
+    eos = stop_token_ids(tokenizer)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
