@@ -209,12 +209,18 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("workbench", help="build (or load) the workbench models and time it")
     w.add_argument("--fresh", action="store_true", help="build from nothing in a temporary cache (measures a cold build)")
     w.add_argument("--json", help="write the timings to this JSON file")
+    sub.add_parser("finetune", add_help=False, help="fine-tune one method (torchrun-ready); slmops finetune --help lists its options")
     return ap
 
 def main(argv=None) -> int:
     "Entry point of the `slmops` command."
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "finetune": _parser().parse_args(argv)  # the usual error for unknown arguments
     try:
+        if args.command == "finetune":
+            from slmops_nb.finetune import finetune_main
+            return finetune_main(rest)
         if args.command == "list":
             nbs = notebooks_dir(args.nbs)
             print(describe_parameters({p.stem: chapter_parameters(p) for p in list_chapters(nbs)}))

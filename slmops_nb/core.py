@@ -281,20 +281,28 @@ def dir_size(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 class PeakMemory:
-    "Context manager sampling this process's RSS in a thread: `peak_mb`, `delta_mb` over the block."
-    def __init__(self, interval: float = 0.005): self.interval = interval
+    "Context manager sampling RSS in a thread (this process, or process `pid` and its children): `peak_mb`, `delta_mb`."
+    def __init__(self, interval: float = 0.005, pid: int | None = None): self.interval, self.pid = interval, pid
+    def _rss_mb(self) -> float:
+        try: procs = [self._proc] + (self._proc.children(recursive=True) if self.pid else [])
+        except psutil.Error: return 0.0  # the watched process has ended
+        total = 0
+        for p in procs:
+            try: total += p.memory_info().rss
+            except psutil.Error: pass
+        return total / 2**20
     def __enter__(self):
-        self._proc = psutil.Process()
-        self.start_mb = self.peak_mb = self._proc.memory_info().rss / 2**20
+        self._proc = psutil.Process(self.pid)
+        self.start_mb = self.peak_mb = self._rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
     def _sample(self):
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
             self._stop.wait(self.interval)
     def __exit__(self, *exc):
         self._stop.set(); self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
         self.delta_mb = self.peak_mb - self.start_mb

@@ -17,9 +17,10 @@ from pathlib import Path
 from .core import SlmopsError, atomic_write_text
 
 # %% auto #0
-__all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'DataError',
-           'stratified_split', 'write_jsonl', 'generate_workbench_data', 'load_records', 'template_fields',
-           'render_template', 'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split']
+__all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'SENTIMENT', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS',
+           'DataError', 'lexicon_sentences', 'stratified_split', 'write_jsonl', 'generate_workbench_data',
+           'load_records', 'template_fields', 'render_template', 'chat_messages', 'chat_text', 'workbench_records',
+           'tone_split', 'instruction_split']
 
 # %% ../nbs/00a_data.ipynb #c005
 class DataError(SlmopsError):
@@ -160,6 +161,18 @@ def _tone_example(rng: random.Random, tone: str) -> dict:
         a, b = (tone, other) if rng.random() < 0.5 else (other, tone)
         return {"phrase": _fill(rng, rng.choice(_MIXED), a, b), "tone": tone, "kind": "ambiguous"}
     return {"phrase": _fill(rng, rng.choice(_POS), tone), "tone": tone, "kind": "plain"}
+
+SENTIMENT = {"joy": "positive", "surprise": "positive", "sadness": "negative", "anger": "negative", "fear": "negative",
+             "neutral": "neutral"}  # the coarse label the base model is pretrained on (chapter 03 refines it to TONES)
+
+def lexicon_sentences(per_tone: int = 60, seed: int = 0) -> list[str]:
+    "Sentences naming the generator's tone words (`thrilled, glad and elated are words of joy.`): a pretrained model's vocabulary knowledge."
+    rng = random.Random(seed)
+    out = []
+    for tone, lex in _LEX.items():
+        words = lex["adj"] + lex["noun"]
+        out += [f"{a}, {b} and {c} are words of {tone}." for a, b, c in (rng.sample(words, 3) for _ in range(per_tone))]
+    return out
 
 # %% ../nbs/00a_data.ipynb #c008
 _PRODUCT_ADJ = ["Aurora", "Nimbus", "Cedar", "Polar", "Ember", "Lumen", "Harbor", "Summit", "Willow",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .core import SlmopsError, Timer, atomic_dir, write_json
+from .core import PeakMemory, SlmopsError, Timer, atomic_dir, write_json
 from .data import load_records, template_fields
 from .workbench import resolve_model
 
@@ -41,7 +41,11 @@ def run_olive(args: list[str], out, expect: list[str], timeout: float | None = N
             f.write("$ olive " + " ".join(map(str, args)) + f" -o {out}\n")
             f.flush()
             # cwd=tmp: Olive keeps its cache (.olive-cache) in the working folder; it goes away with tmp
-            r = subprocess.run(cmd + ["-o", str(tmp)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp, timeout=timeout)
+            r = subprocess.Popen(cmd + ["-o", str(tmp)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp)
+            try:
+                with PeakMemory(interval=0.05, pid=r.pid) as mem: r.wait(timeout)
+            except subprocess.TimeoutExpired:
+                r.kill(); r.wait(); raise
         missing = [e for e in expect if not (tmp/e).exists()]
         if r.returncode != 0 or missing:
             what = f"exited with code {r.returncode}" if r.returncode else f"exited 0 but did not write {missing}"
@@ -49,7 +53,7 @@ def run_olive(args: list[str], out, expect: list[str], timeout: float | None = N
                              f"--- last lines of the log ---\n{_tail(log)}")
         shutil.rmtree(tmp/".olive-cache", ignore_errors=True)
         _relocate(tmp, out)
-        write_json(tmp/"slmops_olive.json", {"args": list(map(str, args)), "seconds": t.seconds})
+        write_json(tmp/"slmops_olive.json", {"args": list(map(str, args)), "seconds": t.seconds, "peak_memory_mb": mem.peak_mb})
     return out
 
 # %% ../nbs/00d_olive.ipynb #ea29a5e3
@@ -69,8 +73,9 @@ def olive_finetune(base, data_file, text_template: str, out, method: str = "lora
             "--max_seq_len", max_seq_len, "--torch_dtype", torch_dtype, "--lora_r", r, "--lora_alpha", alpha]
     if target_modules: args += ["--target_modules", ",".join(target_modules)]
     for k, v in (training_args or {}).items(): args += [f"--{k}", v]
-    if dry_run: return run_olive(args + ["--save_config_file", "--dry_run"], out, ["config.json"], timeout)
-    return run_olive(args, out, ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout)
+    args.append("--save_config_file")  # config.json: the workflow Olive ran, reusable with `olive run --config`
+    if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout)
+    return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout)
 
 # %% ../nbs/00d_olive.ipynb #0349ef37
 def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None) -> Path:

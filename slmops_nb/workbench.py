@@ -17,12 +17,12 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .data import (DATA_DIR, TONES, WORKBENCH_FILES, chat_messages, chat_text, instruction_split,
+from .data import (DATA_DIR, SENTIMENT, TONES, WORKBENCH_FILES, chat_messages, chat_text, instruction_split, lexicon_sentences,
                             tone_split, workbench_records)
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'WORKBENCH_PREFIX', 'MODEL_SPECS',
-           'STUDENT_ARCH', 'pretraining_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
+           'STUDENT_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
            'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts', 'encode_chats', 'PadCollator',
            'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm', 'stop_token_ids', 'generate',
            'normalize_label', 'classify', 'accuracy', 'size_and_latency', 'model_spec', 'new_model', 'save_model',
@@ -45,8 +45,13 @@ def _render_chat(user: str, assistant: str) -> str:
     return jinja2.Template(CHAT_TEMPLATE).render(messages=chat_messages(user, assistant), add_generation_prompt=False)
 
 def pretraining_texts() -> list[str]:
-    "The base model's pretraining text: unlabeled phrases and the shop catalog (no labels)."
+    "The raw workbench texts: unlabeled phrases and the shop catalog (no labels). The tokenizer is trained on these and the chats."
     return [r["phrase"] for r in workbench_records("unlabeled")] + [r["text"] for r in workbench_records("catalog")]
+
+def base_texts() -> list[str]:
+    "What the base model learns from: the raw texts, a tone lexicon, and coarse sentiment chats (positive / negative / neutral)."
+    return (pretraining_texts() + lexicon_sentences()
+            + [_render_chat(r["phrase"], SENTIMENT[r["tone"]]) for r in tone_split("train")])
 
 def tokenizer_corpus() -> list[str]:
     "Every workbench text, in the shape the models will see it."
@@ -233,7 +238,7 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
                 intermediate_size=intermediate, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 MODEL_SPECS = {
-    "base": {"arch": _llama(256, 4, 4, 2, 768), "data": "pretrain",
+    "base": {"arch": _llama(256, 4, 4, 2, 768), "data": "base",
              "train": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "max_length": 96}, "seed": 0},
     "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",
                 "train": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 96}, "seed": 0},
@@ -253,7 +258,7 @@ def new_model(tokenizer, arch: dict, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 def _training_data(kind: str, tokenizer, max_length: int):
-    if kind == "pretrain": return encode_texts(tokenizer, pretraining_texts(), max_length), None
+    if kind == "base": return encode_texts(tokenizer, base_texts(), max_length), None
     pairs = lambda split: [(r["phrase"], r["tone"]) for r in tone_split(split)]
     return encode_chats(tokenizer, pairs("train"), max_length), encode_chats(tokenizer, pairs("validation"), max_length)
 

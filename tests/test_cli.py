@@ -96,6 +96,19 @@ def test_whole_workbook_smoke_run(tmp_path):
         assert key in distill, key
     assert 0 < distill["synthetic_examples_kept"] <= distill["synthetic_examples_total"] and distill["param_ratio"] < 0.1
     assert (out/"02_distillation"/"synthetic.jsonl").exists() and (out/"02_distillation"/"student"/"config.json").exists()
+    ft = json.loads((out/"03_finetuning"/"metrics.json").read_text())
+    assert set(ft["methods"]) == {"full", "lora", "qlora", "ia3", "olive_lora", "olive_qlora"}
+    for name, m in ft["methods"].items():
+        assert set(m) == {"trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds", "eval_loss", "accuracy",
+                          "f1", "perplexity"}, name
+        assert 0 <= m["accuracy"] <= 1 and m["perplexity"] >= 1 and m["train_seconds"] > 0, name
+    assert ft["methods"]["full"]["trainable_fraction"] == 1 and ft["methods"]["lora"]["trainable_fraction"] <= 0.05
+    assert len(ft["hpo"]["trials"]) == 2 and {"lr", "r", "batch_size"} <= set(ft["hpo"]["best"])
+    assert {"bleu", "rougeL"} <= set(ft["generation"]) and ft["multi_adapter"]["adapters"] == ["tones", "qa"]
+    assert set(ft["custom_loss"]) == {"plain", "custom"} and "lora_accuracy_ratio" in ft
+    assert (out/"03_finetuning"/"qa"/"model"/"adapter_config.json").exists() and (out/"03_finetuning"/"merged-tones"/"config.json").exists()
+    assert (out/"03_finetuning"/"olive_config"/"output"/"adapter"/"adapter_config.json").exists()
+    assert list((out/"03_finetuning"/"lora"/"checkpoints"/"runs").rglob("events.out.tfevents.*"))  # TensorBoard
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout

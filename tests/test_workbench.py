@@ -93,3 +93,11 @@ def test_workbench_command_writes_json(tmp_path):
     res = json.loads((tmp_path/"wb.json").read_text())
     assert res["fresh"] is False and res["teacher_test_accuracy"] >= 0.90
     assert set(res["artifact_build_seconds"]) == {"tokenizer", "base", "teacher"}
+
+
+def test_base_learns_coarse_sentiment_not_the_six_tones():
+    "The base model's chats answer positive / negative / neutral; the tones are chapter 3's job."
+    texts = wb.base_texts()
+    answers = {t.split("<|assistant|>\n")[1].split("<|end|>")[0] for t in texts if "<|assistant|>" in t}
+    assert answers == {"positive", "negative", "neutral"}
+    assert any(t.endswith("are words of joy.") for t in texts) and len(texts) > len(wb.pretraining_texts())
