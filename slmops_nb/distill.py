@@ -16,7 +16,7 @@ from transformers import Trainer
 from .core import SlmopsError, Timer, latency_stats, model_size, seed_everything  # first: it quiets tqdm
 from tqdm.auto import tqdm
 from .data import TONES, chat_messages, chat_text, write_jsonl
-from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, accuracy, classify, encode_chats, load_model,
+from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, classify, encode_chats, label_scores, load_model,
                                  load_tokenizer, new_model, normalize_label, run_trainer, stop_token_ids,
                                  train_causal_lm, training_defaults)
 
@@ -156,14 +156,12 @@ def train_student(method: str, student, tokenizer, records: list[dict], *, steps
 def evaluate_classifier(model, tokenizer, records: list[dict], labels=TONES, repeats: int = 20, batch_size: int = 64,
                         input_key: str = "phrase", label_key: str = "tone") -> dict:
     "Accuracy, macro F1, size, single-request latency (p50/p95 ms) and batched throughput of a classifier."
-    from sklearn.metrics import f1_score
     inputs, gold = [r[input_key] for r in records], [r[label_key] for r in records]
     with Timer() as t: pred = classify(model, tokenizer, inputs, labels, batch_size)
     cycle = itertools.cycle(inputs)
     lat = latency_stats(lambda: classify(model, tokenizer, [next(cycle)], labels), repeats=repeats)
     size = model_size(model)
-    return {"accuracy": accuracy(pred, gold), "f1": f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0),
-            "params": size["params"], "memory_bytes": size["total_bytes"], "latency_ms_p50": lat["p50_ms"],
+    return {**label_scores(pred, gold, labels), "params": size["params"], "memory_bytes": size["total_bytes"], "latency_ms_p50": lat["p50_ms"],
             "latency_ms_p95": lat["p95_ms"], "examples_per_second": len(inputs) / t.seconds}
 
 # %% ../nbs/02_distillation.ipynb #577c8f71

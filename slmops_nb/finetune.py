@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, EarlyStoppingCallback, Trainer, TrainerCallback
 
-from .data import chat_text, load_records, tone_split, write_jsonl
+from .data import chat_text, load_records, tone_split
 from .olive import olive_finetune
-from .workbench import (PadCollator, classify, encode_chats, generate, load_model, load_tokenizer,
-                                 resolve_model, train_causal_lm)
+from .workbench import (PadCollator, classify, encode_chats, label_scores, load_model, load_tokenizer, resolve_model,
+                                 train_causal_lm)
 
 # %% auto #0
 __all__ = ['METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'load_base',
@@ -125,8 +125,8 @@ def label_token_weights(tokenizer, weights: dict[str, float], vocab_size: int) -
     "A per-token weight vector: 1 everywhere, the label's weight on each label's first answer token."
     w = torch.ones(vocab_size)
     owner = {}
+    prompt = tokenizer(chat_text(tokenizer, "x"), add_special_tokens=False)["input_ids"]
     for label, weight in weights.items():
-        prompt = tokenizer(chat_text(tokenizer, "x"), add_special_tokens=False)["input_ids"]
         full = tokenizer(chat_text(tokenizer, "x", label), add_special_tokens=False)["input_ids"]
         tid = full[len(prompt)]
         if tid in owner: raise SlmopsError(f"Labels {owner[tid]!r} and {label!r} start with the same token: "
@@ -197,25 +197,21 @@ def answer_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) ->
 def evaluate_task(model, tokenizer, records: list[dict], examples: list[dict], input_column: str, label_column: str,
                   labels: list[str]) -> dict:
     "Accuracy and macro F1 (scikit-learn) of the model's answers, and perplexity of the reference answers."
-    from sklearn.metrics import accuracy_score, f1_score
     gold = [str(r[label_column]) for r in records]
     pred = classify(model, tokenizer, [r[input_column] for r in records], labels=labels)
-    return {"accuracy": accuracy_score(gold, pred), "f1": f1_score(gold, pred, labels=labels, average="macro", zero_division=0),
-            "perplexity": math.exp(answer_loss(model, tokenizer, examples)), "predictions": pred}
+    return {**label_scores(pred, gold, labels), "perplexity": math.exp(answer_loss(model, tokenizer, examples)), "predictions": pred}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
-def olive_method(method: str, base, tokenizer, train_records: list[dict], input_column: str, label_column: str, out,
+def olive_method(method: str, base, data_file, text_template: str, out,
                  *, epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
                  r: int = 8, alpha: float = 32, target_modules=None, max_length: int = 64, seed: int = 0) -> dict:
-    "Fine-tune with `olive finetune --method lora|qlora` and load its adapter on the base for evaluation."
+    "Fine-tune on `data_file` with `olive finetune --method lora|qlora`; its adapter loaded on the base for evaluation."
     from peft import PeftModel
     out = Path(out)
-    data_file = write_jsonl(out/"train.jsonl", [{input_column: r_[input_column], label_column: str(r_[label_column])} for r_ in train_records])
-    template = chat_text(tokenizer, "{" + input_column + "}", "{" + label_column + "}")
     args = {"num_train_epochs": epochs, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
             "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10}
     if max_steps: args["max_steps"] = max_steps
-    folder = olive_finetune(base, data_file, template, out/"olive", method=method.removeprefix("olive_"), r=r, alpha=alpha,
+    folder = olive_finetune(base, data_file, text_template, out/"olive", method=method.removeprefix("olive_"), r=r, alpha=alpha,
                             target_modules=target_modules, max_seq_len=max_length, training_args=args)
     info = read_json(folder/"slmops_olive.json")
     model = PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "olive_qlora"), folder/"adapter", is_trainable=True)

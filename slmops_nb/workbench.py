@@ -25,8 +25,8 @@ __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SP
            'STUDENT_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
            'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts', 'encode_chats', 'PadCollator',
            'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm', 'stop_token_ids', 'generate',
-           'normalize_label', 'classify', 'accuracy', 'size_and_latency', 'model_spec', 'new_model', 'save_model',
-           'workbench_path', 'build_workbench', 'benchmark_workbench']
+           'normalize_label', 'classify', 'accuracy', 'label_scores', 'size_and_latency', 'model_spec', 'new_model',
+           'save_model', 'workbench_path', 'build_workbench', 'benchmark_workbench']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -219,9 +219,15 @@ def classify(model, tokenizer, phrases: list[str], labels=TONES, batch_size: int
     return [normalize_label(g, labels) for g in generate(model, tokenizer, phrases, max_new_tokens=4, batch_size=batch_size)]
 
 def accuracy(pred: list[str], gold: list[str]) -> float:
-    "Share of exact matches."
+    "Share of exact matches (scikit-learn's accuracy_score)."
+    from sklearn.metrics import accuracy_score
     if len(pred) != len(gold) or not gold: raise SlmopsError(f"accuracy: {len(pred)} predictions for {len(gold)} labels.")
-    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+    return float(accuracy_score(gold, pred))
+
+def label_scores(pred: list[str], gold: list[str], labels=TONES) -> dict:
+    "Accuracy and macro F1 (scikit-learn) of predicted labels."
+    from sklearn.metrics import f1_score
+    return {"accuracy": accuracy(pred, gold), "f1": f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0)}
 
 def size_and_latency(model, tokenizer, phrase: str, repeats: int = 20, path=None) -> dict:
     "Parameters, bytes, and latency (p50/p95 ms) of one forward pass and of classifying one phrase."
