@@ -210,17 +210,32 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--fresh", action="store_true", help="build from nothing in a temporary cache (measures a cold build)")
     w.add_argument("--json", help="write the timings to this JSON file")
     sub.add_parser("finetune", add_help=False, help="fine-tune one method (torchrun-ready); slmops finetune --help lists its options")
+    s = sub.add_parser("serve", help="serve an ONNX Runtime GenAI folder with OpenAI's chat completions API")
+    s.add_argument("model_dir", help="the ONNX Runtime GenAI model folder")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY "
+                   "(default: $SLMOPS_API_KEY, else no key)")
+    s.add_argument("--model-id", help="the model's name in the API (default: the folder's name)")
+    sub.add_parser("bench", add_help=False, help="benchmark model variants side by side; slmops bench --help lists its options")
     return ap
 
 def main(argv=None) -> int:
     "Entry point of the `slmops` command."
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = _parser().parse_known_args(argv)
-    if rest and args.command != "finetune": _parser().parse_args(argv)  # the usual error for unknown arguments
+    if rest and args.command not in ("finetune", "bench"): _parser().parse_args(argv)  # the usual error for unknown arguments
     try:
         if args.command == "finetune":
             from slmops_nb.finetune import finetune_main
             return finetune_main(rest)
+        if args.command == "bench":
+            from slmops_nb.bench import bench_main
+            return bench_main(rest)
+        if args.command == "serve":
+            from slmops_nb.serve import serve
+            serve(args.model_dir, args.host, args.port, args.api_key, args.model_id)
+            return 0
         if args.command == "list":
             nbs = notebooks_dir(args.nbs)
             print(describe_parameters({p.stem: chapter_parameters(p) for p in list_chapters(nbs)}))

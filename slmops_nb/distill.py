@@ -21,9 +21,9 @@ from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, classify, encode_chats, 
                                  train_causal_lm, training_defaults)
 
 # %% auto #0
-__all__ = ['DROP_REASONS', 'STUDENT', 'METHODS', 'teacher_answers', 'drop_reason', 'validate_answers', 'synthesize',
-           'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'train_student', 'evaluate_classifier',
-           'train_gkd']
+__all__ = ['DROP_REASONS', 'STUDENT', 'METHODS', 'teacher_answers', 'endpoint_answers', 'drop_reason', 'validate_answers',
+           'synthesize', 'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'train_student',
+           'evaluate_classifier', 'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #fe699b37
 @torch.no_grad()
@@ -47,6 +47,22 @@ def teacher_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 
             out.append({"prompt": prompt, "answer": tokenizer.decode(new[j][:n], skip_special_tokens=True).strip(),
                         "finished": end is not None, "confidence": math.exp(logp[j, :n].sum().item()) if n else 0.0})
     return out
+
+# %% ../nbs/02_distillation.ipynb #74a664d1
+def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key: str = "", max_new_tokens: int = 8,
+                     concurrency: int = 4) -> list[dict]:
+    "Greedy answers of an OpenAI-compatible chat endpoint, in `teacher_answers`' form (confidence 1, finished = stopped)."
+    from concurrent.futures import ThreadPoolExecutor
+    from openai import OpenAI
+    client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2)
+    model = model or client.models.list().data[0].id
+    def ask(prompt: str) -> dict:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_new_tokens, temperature=0)
+        c = r.choices[0]
+        return {"prompt": prompt, "answer": (c.message.content or "").strip(), "finished": c.finish_reason == "stop",
+                "confidence": 1.0}
+    with ThreadPoolExecutor(concurrency) as pool: return list(pool.map(ask, prompts))
 
 # %% ../nbs/02_distillation.ipynb #4807a8bd
 DROP_REASONS = ("empty", "truncated", "not_a_label", "low_confidence")

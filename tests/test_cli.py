@@ -109,6 +109,15 @@ def test_whole_workbook_smoke_run(tmp_path):
     assert (out/"03_finetuning"/"qa"/"model"/"adapter_config.json").exists() and (out/"03_finetuning"/"merged-tones"/"config.json").exists()
     assert (out/"03_finetuning"/"olive_config"/"output"/"adapter"/"adapter_config.json").exists()
     assert list((out/"03_finetuning"/"lora"/"checkpoints"/"runs").rglob("events.out.tfevents.*"))  # TensorBoard
+    dep = json.loads((out/"04_deployment"/"metrics.json").read_text())
+    assert set(dep["variants"]) == {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int4", "foundry_int4"}
+    for name, v in dep["variants"].items():
+        assert set(v) == {"size_bytes", "load_seconds", "ttft_ms", "tokens_per_second", "latency_ms_p50", "latency_ms_p95",
+                          "peak_memory_mb", "accuracy"}, name
+        assert v["tokens_per_second"] > 0 and 0 <= v["accuracy"] <= 1, name
+    assert dep["foundry_local"]["loaded"] and dep["server"]["errors"] == 0 and dep["server"]["wrong_answers"] == 0
+    assert dep["server"]["requests"] == 24 and dep["int4_size_ratio"] < 0.3 and "int4_speedup_vs_pytorch" in dep
+    assert (out/"04_deployment"/"bench.json").exists() and (out/"04_deployment"/"ort_int4"/"genai_config.json").exists()
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout

@@ -1,0 +1,146 @@
+"""Chapter 04's library on the workbench base: ONNX Runtime GenAI, the OpenAI-compatible server, Foundry Local, the benchmark."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from slmops_nb.core import SlmopsError, read_json
+from slmops_nb.data import tone_split
+from slmops_nb.deploy import FoundryLocal, GenAIModel, build_direct, builder_config, foundry_model_folder, olive_build, olive_int8
+from slmops_nb.distill import endpoint_answers, synthesize
+from slmops_nb.serve import RequestError, ServerProcess, load_test, parse_chat_request
+from slmops_nb.workbench import resolve_model
+
+SLMOPS = str(Path(sys.executable).parent/"slmops")  # the console script of this environment
+SENTIMENTS = ["negative", "neutral", "positive"]  # what workbench:base answers
+
+
+@pytest.fixture(scope="module")
+def genai_dir(tmp_path_factory):
+    "workbench:base as an ONNX Runtime GenAI fp32 folder (the builder, no Olive: a few seconds)."
+    return build_direct("workbench:base", tmp_path_factory.mktemp("genai")/"base_fp32", "fp32")
+
+
+@pytest.fixture(scope="module")
+def server(genai_dir):
+    with ServerProcess(genai_dir, api_key="test-key") as s: yield s
+
+
+def test_genai_model_answers_like_pytorch(genai_dir):
+    m = GenAIModel(genai_dir)
+    phrases = [r["phrase"] for r in tone_split("test")[:8]]
+    answers = [m.chat([{"role": "user", "content": p}], 8) for p in phrases]
+    assert set(answers) <= set(SENTIMENTS)
+    forced = list(m.chat_stream([{"role": "user", "content": phrases[0]}], 12, ignore_eos=True))
+    assert len(forced) == 12
+    with pytest.raises(SlmopsError, match="context length"):
+        list(m.stream(list(range(300)), 8))
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None), (b'{"messages": [{"role": "user", "content": "\xff"}]}', None), (b"[1, 2]", None),
+    (b'{"messages": "hi"}', "messages"), (b'{"messages": []}', "messages"),
+    (b'{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0].role"),
+    (b'{"messages": [{"role": "user", "content": 42}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": "   "}]}', "messages"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "8"}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+])
+def test_bad_requests_are_refused_with_openai_errors(body, param):
+    with pytest.raises(RequestError) as e: parse_chat_request(body)
+    assert e.value.status == 400 and e.value.param == param and e.value.body()["error"]["message"]
+
+
+def test_server_through_the_openai_client(server):
+    client = OpenAI(base_url=server.base_url, api_key="test-key", max_retries=0)
+    model = client.models.list().data[0].id
+    phrase = tone_split("test")[0]["phrase"]
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": phrase}], max_tokens=8)
+    assert r.choices[0].message.content in SENTIMENTS and r.choices[0].finish_reason == "stop" and r.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": phrase}], max_tokens=8,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_server_api_key_and_4xx_answers(server):
+    url = server.base_url + "/chat/completions"
+    ok = {"messages": [{"role": "user", "content": "great"}]}
+    assert httpx.post(url, json=ok).status_code == 401
+    assert httpx.post(url, json=ok, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": "Bearer test-key"}
+    for body, status, code in [(b"{oops", 400, None), (b'{"messages": [{"role": "user", "content": "\xfe"}]}', 400, None),
+                               (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400,
+                                "context_length_exceeded"),
+                               (json.dumps({**ok, "model": "gpt-9"}).encode(), 404, "model_not_found")]:
+        r = httpx.post(url, content=body, headers=auth)
+        assert r.status_code == status and r.json()["error"]["code"] == code and r.json()["error"]["message"], body
+    assert httpx.post(url, json=ok, headers=auth).status_code == 200  # still serving
+
+
+def test_server_concurrent_requests_are_answered_correctly(server, genai_dir):
+    phrases = [r["phrase"] for r in tone_split("test")[:12]]
+    m = GenAIModel(genai_dir)
+    expected = {p: m.chat([{"role": "user", "content": p}], 8) for p in phrases}
+    res = load_test(server.base_url, phrases, 32, 8, "test-key", 8, expected, pid=server.pid)
+    assert res["errors"] == 0 and res["wrong_answers"] == 0 and res["concurrency"] > 1, res
+
+
+def test_endpoint_teacher_synthesizes_through_slmops_serve(genai_dir, tmp_path):
+    "Chapter 02's stage 1 with an OpenAI-compatible endpoint (slmops serve) as the teacher."
+    with ServerProcess(genai_dir, log=tmp_path/"serve.log") as s:
+        answers = endpoint_answers(s.base_url, [r["phrase"] for r in tone_split("test")[:10]])
+    syn = synthesize(answers, tmp_path, labels=SENTIMENTS)
+    assert syn["total"] == 10 and syn["kept"] > 0 and (tmp_path/"synthetic.jsonl").exists()
+    assert {r["tone"] for r in syn["records"]} <= set(SENTIMENTS)
+
+
+def test_foundry_local_registers_loads_and_chats(genai_dir, tmp_path):
+    folder = foundry_model_folder(genai_dir, tmp_path/"models"/"slmops-base", "slmops-base")
+    spec = read_json(folder/"inference_model.json")
+    assert spec["Name"] == "slmops-base" and "{Content}" in spec["PromptTemplate"]["prompt"] and spec["ModelConfig"]
+    fl = FoundryLocal(tmp_path/"foundry")
+    model = fl.register(folder, "slmops-base:1")
+    assert model.is_loaded
+    phrase = tone_split("test")[0]["phrase"]
+    assert fl.chat([{"role": "user", "content": phrase}], 8) == GenAIModel(genai_dir).chat([{"role": "user", "content": phrase}], 8)
+    fl.close()
+    with pytest.raises(SlmopsError, match="name:version"): FoundryLocal(tmp_path/"foundry").register(folder, "no-version")
+
+
+def test_conversion_inputs_are_checked(tmp_path):
+    with pytest.raises(SlmopsError, match="not an ONNX Runtime GenAI model folder"): olive_int8(tmp_path, tmp_path/"out")
+    with pytest.raises(SlmopsError, match="int8"): olive_build("workbench:base", tmp_path/"out", "int8")
+    with pytest.raises(SlmopsError, match="block size"): builder_config("workbench:base", "int4", block_size=48)
+    with pytest.raises(SlmopsError, match="not a model folder"): olive_build(tmp_path, tmp_path/"out", "int4")
+    assert not (tmp_path/"out").exists()
+
+
+def test_slmops_bench_writes_bench_json(genai_dir, tmp_path):
+    out = tmp_path/"bench.json"
+    r = subprocess.run([SLMOPS, "bench", f"pytorch_fp32=pytorch:{resolve_model('workbench:base')}",
+                        f"ort_fp32=genai:{genai_dir}", "--requests", "2", "--eval-limit", "8", "--max-new-tokens", "8",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bench = read_json(out)["variants"]
+    for name in ("pytorch_fp32", "ort_fp32"):
+        assert {"size_bytes", "load_seconds", "ttft_ms", "tokens_per_second", "latency_ms_p50", "latency_ms_p95",
+                "peak_memory_mb", "accuracy"} <= set(bench[name]) and bench[name]["tokens_per_second"] > 0
+        assert bench[name]["tokens_per_request"] == 8
+    bad = subprocess.run([SLMOPS, "bench", "x=onnx:/nowhere"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Unknown variant kind" in bad.stderr
+
+
+def test_olive_model_builder_failure_is_a_clear_error(tmp_path):
+    "The ModelBuilder cannot make int8 on CPU: Olive exits 0 without a model; run_olive names the missing files, keeps nothing."
+    from slmops_nb.deploy import GENAI_FILES
+    from slmops_nb.olive import OliveError, run_olive
+    with pytest.raises(OliveError, match="did not write"):
+        run_olive(["auto-opt", "-m", resolve_model("workbench:base"), "--use_model_builder", "--precision", "int8",
+                   "--device", "cpu", "--provider", "CPUExecutionProvider"], tmp_path/"int8", GENAI_FILES)
+    assert not (tmp_path/"int8").exists() and (tmp_path/"int8.olive.log").exists()
