@@ -5,7 +5,6 @@
 # %% ../nbs/04_deployment.ipynb #ddaa1bed
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -16,13 +15,13 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from .data import TONES
-from .olive import OliveError, run_olive
+from .olive import run_olive
 from .workbench import load_tokenizer, normalize_label, resolve_model, stop_token_ids
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'GENAI_FILES', 'BLOCK_SIZES', 'finetuned_models', 'check_genai_folder', 'check_int4', 'olive_build',
-           'olive_int8', 'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'GenAIModel',
-           'prompt_template', 'foundry_model_folder', 'throughput_copy', 'FoundryLocal']
+__all__ = ['GENAI_FILES', 'BLOCK_SIZES', 'finetuned_models', 'check_genai_folder', 'check_int4', 'olive_build', 'olive_int8',
+           'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'GenAIModel', 'prompt_template',
+           'foundry_model_folder', 'throughput_copy', 'FoundryLocal']
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
 def finetuned_models(chapter03, out, base="workbench:base", epochs: float = 5, qa_epochs: float = 2,
@@ -45,7 +44,6 @@ def finetuned_models(chapter03, out, base="workbench:base", epochs: float = 5, q
     return {"merged": out/"merged-tones", "tones": out/"tones"/"model", "qa": out/"qa"/"model"}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5
-PRECISIONS = ("fp32", "int8", "int4")
 GENAI_FILES = ["genai_config.json", "model.onnx"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 

@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .core import PeakMemory, SlmopsError, atomic_dir, read_json, seed_everything, write_json  # first: it quiets tqdm
+from .core import PeakMemory, SlmopsError, atomic_dir, read_json, write_json  # first: it quiets tqdm
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, EarlyStoppingCallback, Trainer, TrainerCallback

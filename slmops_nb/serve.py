@@ -189,7 +189,6 @@ def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int
     "`requests` chat completions through the `openai` client, `concurrency` in flight; latency, errors, wrong answers, server RSS."
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    import numpy as np
     import psutil
     from openai import OpenAI
     from slmops_nb.core import percentile
