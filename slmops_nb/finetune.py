@@ -26,8 +26,8 @@ from .workbench import (PadCollator, classify, encode_chats, label_scores, load_
 __all__ = ['METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'load_base',
            'peft_config', 'prepare_model', 'trainable_parameters', 'task_records', 'chat_examples',
            'overfitting_points', 'OverfittingWarning', 'class_weights', 'label_token_weights', 'WeightedLossTrainer',
-           'finetune', 'answer_loss', 'evaluate_task', 'olive_method', 'suggest', 'random_search', 'load_adapters',
-           'generation_scores', 'finetune_main']
+           'finetune', 'answer_loss', 'evaluate_task', 'olive_training_args', 'olive_method', 'load_olive_method',
+           'suggest', 'random_search', 'load_adapters', 'generation_scores', 'finetune_main']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
@@ -202,23 +202,30 @@ def evaluate_task(model, tokenizer, records: list[dict], examples: list[dict], i
     return {**label_scores(pred, gold, labels), "perplexity": math.exp(answer_loss(model, tokenizer, examples)), "predictions": pred}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
-def olive_method(method: str, base, data_file, text_template: str, out,
-                 *, epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
-                 r: int = 8, alpha: float = 32, target_modules=None, max_length: int = 64, seed: int = 0) -> dict:
-    "Fine-tune on `data_file` with `olive finetune --method lora|qlora`; its adapter loaded on the base for evaluation."
-    from peft import PeftModel
-    out = Path(out)
+def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
+                        seed: int = 0) -> dict:
+    "The Hugging Face `TrainingArguments` an Olive LoRA pass gets (as `olive finetune` flags or in a workflow's pass)."
     args = {"num_train_epochs": epochs, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
             "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10}
-    if max_steps: args["max_steps"] = max_steps
-    folder = olive_finetune(base, data_file, text_template, out/"olive", method=method.removeprefix("olive_"), r=r, alpha=alpha,
-                            target_modules=target_modules, max_seq_len=max_length, training_args=args)
-    info = read_json(folder/"slmops_olive.json")
-    model = PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "olive_qlora"), folder/"adapter", is_trainable=True)
+    return {**args, "max_steps": max_steps} if max_steps else args
+
+def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32,
+                 target_modules=None, max_length: int = 64, threads: int | None = None, **training) -> Path:
+    "Fine-tune on `data_file` with `olive finetune --method lora|qlora` into `out/olive`; `training`: `olive_training_args`."
+    return olive_finetune(base, data_file, text_template, Path(out)/"olive", method=method.removeprefix("olive_"), r=r,
+                          alpha=alpha, target_modules=target_modules, max_seq_len=max_length,
+                          training_args=olive_training_args(**training), threads=threads)
+
+def load_olive_method(method: str, base, folder) -> dict:
+    "The adapter of an Olive run in `folder` on the base (4-bit for `olive_qlora`), with the run's figures, for evaluation."
+    from peft import PeftModel
+    info = read_json(Path(folder)/"slmops_olive.json")
+    model = PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "olive_qlora"), Path(folder)/"adapter",
+                                      is_trainable=True)  # so that its parameters count as trainable
     trainable, total = trainable_parameters(model)
     model.eval()
     return {"model": model, "trainable_params": trainable, "trainable_fraction": trainable / total,
-            "peak_memory_mb": info["peak_memory_mb"], "train_seconds": info["seconds"], "folder": folder}
+            "peak_memory_mb": info["peak_memory_mb"], "train_seconds": info["seconds"], "folder": Path(folder)}
 
 # %% ../nbs/03_finetuning.ipynb #da00dc0c
 SEARCH_SPACE = {"lr": (1e-6, 1e-3), "r": (8, 64), "batch_size": (8, 16, 32)}

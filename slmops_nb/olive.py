@@ -5,6 +5,7 @@
 # %% ../nbs/00d_olive.ipynb #9df2ad5a
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from .data import load_records, template_fields
 from .workbench import resolve_model
 
 # %% auto #0
-__all__ = ['OLIVE_METHODS', 'OliveError', 'run_olive', 'olive_finetune', 'olive_run_config']
+__all__ = ['OLIVE_METHODS', 'OliveError', 'run_olive', 'olive_finetune', 'finetune_workflow', 'olive_run_config']
 
 # %% ../nbs/00d_olive.ipynb #0ad3bf12
 class OliveError(SlmopsError):
@@ -31,17 +32,20 @@ def _relocate(tmp: Path, final: Path):
         text = f.read_text()
         if str(tmp) in text: f.write_text(text.replace(str(tmp), str(final)))
 
-def run_olive(args: list[str], out, expect: list[str], timeout: float | None = None) -> Path:
+def run_olive(args: list[str], out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Run `olive ARGS -o OUT` and check that OUT holds every path in `expect`; OUT is replaced only on success."
     out = Path(out).resolve()
     log = out.with_name(out.name + ".olive.log")
     cmd = [sys.executable, "-m", "olive", *map(str, args)]
+    # Olive runs that share the machine each get a few CPU threads: PyTorch takes every core by default, and two such
+    # processes on the same cores slow each other down several times over
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     with atomic_dir(out) as tmp:
         with open(log, "w") as f, Timer() as t:
             f.write("$ olive " + " ".join(map(str, args)) + f" -o {out}\n")
             f.flush()
             # cwd=tmp: Olive keeps its cache (.olive-cache) in the working folder; it goes away with tmp
-            r = subprocess.Popen(cmd + ["-o", str(tmp)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp)
+            r = subprocess.Popen(cmd + ["-o", str(tmp)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env)
             try:
                 with PeakMemory(interval=0.05, pid=r.pid) as mem: r.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -59,27 +63,57 @@ def run_olive(args: list[str], out, expect: list[str], timeout: float | None = N
 # %% ../nbs/00d_olive.ipynb #ea29a5e3
 OLIVE_METHODS = ("lora", "qlora")
 
-def olive_finetune(base, data_file, text_template: str, out, method: str = "lora", r: int = 8, alpha: int = 16,
-                   target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
-                   training_args: dict | None = None, dry_run: bool = False, timeout: float | None = None) -> Path:
-    "Fine-tune `base` (workbench name or folder) with `olive finetune --method lora|qlora`; returns the output folder."
+def _finetune_data(method: str, r: int, data_file, text_template: str) -> tuple[Path, list[dict]]:
+    "Check the arguments of a fine-tuning workflow before Olive starts; returns the data file and its records."
     if method not in OLIVE_METHODS: raise SlmopsError(f"Unknown Olive fine-tuning method {method!r}: use one of {OLIVE_METHODS}.")
     if r < 1: raise SlmopsError(f"LoRA rank must be at least 1, got {r}.")
     data_file = Path(data_file).resolve()
-    records = load_records(data_file, columns=template_fields(text_template))  # a missing column fails here, clearly
-    fmt = {".csv": "csv"}.get(data_file.suffix.lower(), "json")
-    args = ["finetune", "--method", method, "-m", Path(resolve_model(base)).resolve(), "-d", fmt, "--data_files", data_file,
-            "--train_split", "train", "--text_template", text_template, "--max_samples", len(records),
+    return data_file, load_records(data_file, columns=template_fields(text_template))  # a missing column fails here, clearly
+
+def _data_format(data_file: Path) -> str: return {".csv": "csv"}.get(data_file.suffix.lower(), "json")
+
+def olive_finetune(base, data_file, text_template: str, out, method: str = "lora", r: int = 8, alpha: int = 16,
+                   target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
+                   training_args: dict | None = None, dry_run: bool = False, timeout: float | None = None,
+                   threads: int | None = None) -> Path:
+    "Fine-tune `base` (workbench name or folder) with `olive finetune --method lora|qlora`; returns the output folder."
+    data_file, records = _finetune_data(method, r, data_file, text_template)
+    args = ["finetune", "--method", method, "-m", Path(resolve_model(base)).resolve(), "-d", _data_format(data_file),
+            "--data_files", data_file, "--train_split", "train", "--text_template", text_template, "--max_samples", len(records),
             "--max_seq_len", max_seq_len, "--torch_dtype", torch_dtype, "--lora_r", r, "--lora_alpha", alpha]
     if target_modules: args += ["--target_modules", ",".join(target_modules)]
     for k, v in (training_args or {}).items(): args += [f"--{k}", v]
     args.append("--save_config_file")  # config.json: the workflow Olive ran, reusable with `olive run --config`
-    if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout)
-    return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout)
+    if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout, threads)
+    return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout, threads)
 
 # %% ../nbs/00d_olive.ipynb #0349ef37
-def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None) -> Path:
+def finetune_workflow(base, data_file, text_template: str, method: str = "lora", r: int = 8, alpha: int = 16,
+                      target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
+                      training_args: dict | None = None, device: str = "cpu") -> dict:
+    "The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on `data_file`."
+    data_file, records = _finetune_data(method, r, data_file, text_template)
+    lora = {"train_data_config": "train_data", "type": method, "torch_dtype": torch_dtype,
+            "training_args": dict(training_args or {}), "r": r, "alpha": alpha}
+    # as Olive's command does: --target_modules only for LoRA (its QLoRA targets every linear layer but lm_head)
+    if method == "lora" and target_modules: lora["target_modules"] = list(target_modules)
+    if method == "qlora": lora["save_quant_config"] = False
+    providers = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+    if device not in providers: raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(providers)}.")
+    provider = providers[device]
+    return {"systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [provider]}]}},
+            "data_configs": [{"name": "train_data", "type": "HuggingfaceContainer",
+                              "load_dataset_config": {"data_name": _data_format(data_file), "split": "train", "data_files": [str(data_file)]},
+                              "pre_process_data_config": {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len,
+                                                          "add_special_tokens": False, "max_samples": len(records)},
+                              "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}],
+            "passes": {"f": lora}, "host": "local_system", "target": "local_system", "no_artifacts": True,
+            "input_model": {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
+                            "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}},
+            "log_severity_level": 3}
+
+def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Write an Olive workflow `config` next to `out` and run `olive run --config` on it into `out`."
     out = Path(out).resolve()
     path = write_json(out.with_name(out.name + ".olive.json"), {k: v for k, v in config.items() if k != "output_dir"})
-    return run_olive(["run", "--config", path], out, expect, timeout)
+    return run_olive(["run", "--config", path], out, expect, timeout, threads)

@@ -4,7 +4,7 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import tone_split, write_jsonl
-from slmops_nb.olive import OliveError, olive_finetune, run_olive
+from slmops_nb.olive import OliveError, finetune_workflow, olive_finetune, run_olive
 from slmops_nb.workbench import resolve_model
 
 TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>\n"
@@ -25,6 +25,26 @@ def test_bad_olive_finetune_arguments_are_refused_before_olive_runs(tmp_path, da
     with pytest.raises(SlmopsError, match=re.escape(message)):
         olive_finetune("workbench:base", data, out=tmp_path/"out", **kw)
     assert not (tmp_path/"out").exists() and not (tmp_path/"out.olive.log").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(method="dora"), "Unknown Olive fine-tuning method 'dora'"),
+    (dict(r=0), "LoRA rank must be at least 1, got 0"),
+    (dict(text_template="{phrase} -> {label}"), "label"),
+    (dict(device="tpu"), "Unknown device 'tpu' for an Olive workflow: use one of ['cpu', 'gpu']"),
+])
+def test_bad_workflow_arguments_are_refused(data, kw, message):
+    with pytest.raises(SlmopsError, match=re.escape(message)):
+        finetune_workflow("workbench:base", data, **{"text_template": TEMPLATE, **kw})
+
+
+def test_workflow_follows_olive_finetune_per_method(data):
+    "As `olive finetune` does: target modules only in a LoRA pass; a QLoRA pass saves no quantization config."
+    kw = dict(target_modules=["q_proj", "v_proj"], training_args={"max_steps": 3})
+    lora, qlora = (finetune_workflow("workbench:base", data, TEMPLATE, m, **kw)["passes"]["f"] for m in ("lora", "qlora"))
+    assert lora["target_modules"] == ["q_proj", "v_proj"] and "save_quant_config" not in lora
+    assert "target_modules" not in qlora and qlora["save_quant_config"] is False
+    assert lora["training_args"] == qlora["training_args"] == {"max_steps": 3}
 
 
 def test_olive_exit_0_without_output_is_an_error_and_keeps_earlier_output(tmp_path, data):
