@@ -9,11 +9,11 @@ import itertools
 import math
 from pathlib import Path
 
+from .core import SlmopsError, Timer, latency_stats, model_size, seed_everything  # first: it quiets tqdm
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .core import SlmopsError, Timer, latency_stats, model_size, seed_everything  # first: it quiets tqdm
 from tqdm.auto import tqdm
 from .data import TONES, chat_messages, chat_text, write_jsonl
 from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, classify, encode_chats, label_scores, load_model,

@@ -35,6 +35,8 @@ ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained here with PEFT
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
 warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+# PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 def check_methods(methods) -> list[str]:
     "The methods, checked against METHODS."
