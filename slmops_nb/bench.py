@@ -17,8 +17,8 @@ import numpy as np
 import psutil
 import torch
 
-from .core import PeakMemory, SlmopsError, Timer, dir_size, percentile
-from .data import TONES
+from .core import PeakMemory, SlmopsError, Timer, dir_size, percentile, write_json
+from .data import TONES, instruction_split, tone_split
 from .workbench import classify, load_model, load_tokenizer, stop_token_ids
 
 # %% ../nbs/00f_bench.ipynb #e4bc3bd1
@@ -120,7 +120,6 @@ def load_variant(kind: str, folder, name: str, foundry_home=None):
 def run_bench(variants: dict, prompts: list[str], phrases: list[str], gold: list[str], labels=TONES, max_new_tokens: int = 32,
               foundry_home=None, out_json=None) -> dict:
     "Benchmark `variants` ({name: (kind, folder)}) one after the other on the same prompts; write `out_json` when given."
-    from slmops_nb.core import write_json
     results = {}
     for name, (kind, folder) in variants.items():
         res, model = bench_variant(lambda: load_variant(kind, folder, name, foundry_home), dir_size(folder), prompts, phrases,
@@ -136,7 +135,6 @@ def run_bench(variants: dict, prompts: list[str], phrases: list[str], gold: list
 def bench_main(argv=None) -> int:
     "`slmops bench`: benchmark model folders side by side and write bench.json."
     import argparse
-    from slmops_nb.data import instruction_split, tone_split
     ap = argparse.ArgumentParser(prog="slmops bench", description="Benchmark PyTorch, ONNX Runtime GenAI and Foundry Local "
                                  "variants on the same prompts (load, time to first token, tokens/s, latency, memory, accuracy).")
     ap.add_argument("variants", nargs="+", metavar="NAME=KIND:FOLDER", help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR")

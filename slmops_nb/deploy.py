@@ -14,9 +14,9 @@ from .core import SlmopsError, atomic_dir, read_json, write_json  # first: it qu
 import numpy as np
 from transformers import AutoTokenizer
 
-from .data import TONES
+from .data import TONES, instruction_split, tone_split
 from .olive import run_olive
-from .workbench import load_tokenizer, normalize_label, resolve_model, stop_token_ids
+from .workbench import encode_chats, load_tokenizer, normalize_label, resolve_model, save_model, stop_token_ids
 
 # %% auto #0
 __all__ = ['GENAI_FILES', 'BLOCK_SIZES', 'finetuned_models', 'check_genai_folder', 'check_int4', 'olive_build', 'olive_int8',
@@ -31,9 +31,7 @@ def finetuned_models(chapter03, out, base="workbench:base", epochs: float = 5, q
     found = {"merged": ch/"merged-tones", "tones": ch/"lora"/"model", "qa": ch/"qa"/"model"}
     if (found["merged"]/"config.json").exists() and all((found[k]/"adapter_config.json").exists() for k in ("tones", "qa")):
         return found
-    from slmops_nb.data import instruction_split, tone_split
-    from slmops_nb.finetune import chat_examples, finetune
-    from slmops_nb.workbench import encode_chats, save_model
+    from slmops_nb.finetune import chat_examples, finetune  # PEFT and the Trainer: imported only when training
     out, tok = Path(out), load_tokenizer(base)
     tones = {s: chat_examples(tok, tone_split(s)[:train_limit], "phrase", "tone") for s in ("train", "validation")}
     res = finetune("lora", base, tok, tones["train"], tones["validation"], out/"tones", epochs=epochs, dropout=0.0)

@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .core import SlmopsError
+from .core import SlmopsError, percentile
 
 # %% ../nbs/00e_serve.ipynb #2f54687f
 ROLES = ("system", "user", "assistant")
@@ -191,7 +191,6 @@ def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int
     from concurrent.futures import ThreadPoolExecutor
     import psutil
     from openai import OpenAI
-    from slmops_nb.core import percentile
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     lock, state = threading.Lock(), {"in_flight": 0, "max_in_flight": 0}
