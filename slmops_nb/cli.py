@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .core import (PROFILES, SlmopsError, Timer, check_profile, env_report, new_run_dir,
                             read_json, to_jsonable, write_json, atomic_write_text)
+from .data import TASK_FIELDS, Task
 
 # %% auto #0
-__all__ = ['RUNNER_PARAMS', 'HEADLINE_WORDS', 'notebooks_dir', 'list_chapters', 'find_chapter', 'chapter_parameters',
-           'parse_param', 'coerce', 'describe_parameters', 'check_params', 'ChapterFailed', 'run_chapter',
-           'run_workbook', 'flatten', 'render_report', 'write_summary', 'summary_table', 'main']
+__all__ = ['RUNNER_PARAMS', 'DATA_SUFFIXES', 'HEADLINE_WORDS', 'notebooks_dir', 'list_chapters', 'find_chapter',
+           'chapter_parameters', 'parse_param', 'coerce', 'describe_parameters', 'check_params', 'resolve_user_paths',
+           'check_data', 'ChapterFailed', 'Stopped', 'run_chapter', 'run_workbook', 'flatten', 'render_report',
+           'write_summary', 'summary_table', 'stop_on_signals', 'main']
 
 # %% ../nbs/00c_cli.ipynb #c005
 RUNNER_PARAMS = ("profile", "out_dir")
@@ -70,7 +77,16 @@ def coerce(name: str, value, spec: dict, chapter: str):
     if isinstance(value, bool) and t in ("int", "float"): ok = ()
     if not isinstance(value, ok):
         raise SlmopsError(f"{chapter}: parameter {name} must be {t} (default {spec['default']}), got {value!r}.")
+    if t in ("int", "float") and value < 0 <= _literal(spec["default"]):  # counts, sizes, rates: never negative
+        raise SlmopsError(f"{chapter}: parameter {name} must be at least 0 (default {spec['default']}; see slmops list for "
+                          f"what 0 means), got {value!r}.")
     return float(value) if t == "float" else value
+
+def _literal(text) -> float:
+    "A default's number, else nan (which no comparison holds for)."
+    try: value = ast.literal_eval(str(text))
+    except (ValueError, SyntaxError): return float("nan")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 def describe_parameters(chapters: dict) -> str:
     "A readable list of each chapter's parameters."
@@ -92,9 +108,37 @@ def check_params(chapters: list[Path], params: dict) -> dict:
     if unknown: raise SlmopsError(f"Unknown parameter(s) {unknown}. The chapters take:\n{describe_parameters(specs)}")
     return {stem: {n: coerce(n, v, ps[n], stem) for n, v in params.items() if n in ps} for stem, ps in specs.items()}
 
+# %% ../nbs/00c_cli.ipynb #c009b
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".yaml", ".yml")
+
+def resolve_user_paths(params: dict, cwd=None) -> dict:
+    "`params` with every value that names a file or folder made absolute against `cwd` (default: the working folder)."
+    cwd = Path(cwd or Path.cwd())
+    def fix(v):
+        if isinstance(v, dict): return {k: fix(x) for k, x in v.items()}
+        if not isinstance(v, str) or not v.strip() or "://" in v or ":" in v.split("/")[0]: return v  # URLs, workbench:base
+        p = Path(v).expanduser()
+        if p.is_absolute(): return str(p)
+        if (cwd/p).exists() or v.startswith((".", "~")) or p.suffix.lower() in DATA_SUFFIXES: return str((cwd/p).resolve())
+        return v
+    return {k: fix(v) for k, v in params.items()}
+
+# %% ../nbs/00c_cli.ipynb #c009e
+def check_data(params: dict) -> Task | None:
+    "The task the data parameters describe, read and checked (None when no data parameter is set)."
+    given = {k: params[k] for k in TASK_FIELDS if k in params}
+    if not given: return None
+    task = Task(**given, seed=params.get("seed", 0))
+    task.splits()
+    return task
+
 # %% ../nbs/00c_cli.ipynb #c011
 class ChapterFailed(SlmopsError):
     "A chapter notebook raised: the message names the chapter, the cell and the executed notebook."
+
+class Stopped(KeyboardInterrupt):
+    "Ctrl-C or SIGTERM reached the runner: `signum` says which."
+    def __init__(self, signum: int = signal.SIGINT): super().__init__(signal.Signals(signum).name); self.signum = signum
 
 def _failure_message(stem: str, executed: Path, err) -> str:
     src = (getattr(err, "source", "") or "").strip().splitlines()
@@ -104,21 +148,56 @@ def _failure_message(stem: str, executed: Path, err) -> str:
             f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}\n"
             f"  cell starts: {first[:100]}\n  open the executed notebook: {executed}")
 
+def _wait(done: threading.Event, seconds: float = float("inf")) -> bool:
+    "Wait for `done` in short sleeps (a signal raises cleanly from `time.sleep`; from `Thread.join` it can leave the thread marked as ended)."
+    deadline = time.monotonic() + seconds
+    while not done.is_set() and time.monotonic() < deadline: time.sleep(0.2)
+    return done.is_set()
+
+def _stop_kernel(km, done: threading.Event, grace: float = 30):
+    "Interrupt the kernel's process group (its cell stops, its `finally` blocks run), then kill it if it does not end."
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10)):
+        if pid:
+            try: os.killpg(pid, sig)  # the kernel leads its own session: its group holds its children (Olive...)
+            except (ProcessLookupError, PermissionError): pass
+        try:
+            if _wait(done, wait): return
+        except KeyboardInterrupt: pass  # a second Ctrl-C: stop waiting, kill
+
 def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progress: bool = True) -> dict:
-    "Execute one chapter notebook with papermill into `chapter_out`; its status, seconds and metrics."
+    "Execute one chapter notebook with papermill into `chapter_out`; its status, seconds and metrics. Ctrl-C stops it cleanly."
     import papermill as pm
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
     chapter_out.mkdir(parents=True, exist_ok=True)
-    executed = chapter_out/src.name
-    with Timer() as t:
+    sockets = Path(jupyter_runtime_dir())/f"slmops-{os.getpid()}-{src.stem}"
+    sockets.parent.mkdir(parents=True, exist_ok=True)
+    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))  # IPC, not TCP: only this user reaches it
+    executed, outcome, done = chapter_out/src.name, {}, threading.Event()
+    def execute():  # in a thread: signals go to the main thread, which interrupts the kernel instead of tearing it down
         try:
             pm.execute_notebook(str(src), str(executed), parameters={"profile": profile, "out_dir": str(chapter_out), **params},
                                 kernel_name="python3", cwd=str(src.parent), progress_bar=progress, log_output=False,
-                                request_save_on_cell_execute=True)
-            error = None
-        except pm.PapermillExecutionError as e: error = _failure_message(src.stem, executed, e)
+                                request_save_on_cell_execute=True, km=km)
+        except BaseException as e: outcome["error"] = e
+        finally:
+            if km.has_kernel: asyncio.run(km.shutdown_kernel(now=True))
+            done.set()
+    worker = threading.Thread(target=execute, name=f"slmops-{src.stem}", daemon=True)
+    with Timer() as t:
+        worker.start()
+        try: _wait(done)
+        except KeyboardInterrupt as e:
+            _stop_kernel(km, done)
+            stop = e if isinstance(e, Stopped) else Stopped(signal.SIGINT)
+            stop.chapter, stop.notebook = src.stem, executed
+            raise stop from None
+    err = outcome.get("error")
+    if err is not None and not isinstance(err, pm.PapermillExecutionError): raise err
     metrics_file = chapter_out/"metrics.json"
-    return {"chapter": src.stem, "status": "failed" if error else "ok", "seconds": round(t.seconds, 1),
-            "notebook": str(executed), "error": error,
+    return {"chapter": src.stem, "status": "failed" if err else "ok", "seconds": round(t.seconds, 1),
+            "notebook": str(executed), "error": _failure_message(src.stem, executed, err) if err else None,
             "metrics": read_json(metrics_file) if metrics_file.exists() else {},
             "plots": sorted(str(p.relative_to(chapter_out.parent)) for p in chapter_out.glob("*.png"))}
 
@@ -128,15 +207,22 @@ def run_workbook(chapters: list[str] | None = None, profile: str = "default", ou
     check_profile(profile)
     nbs = notebooks_dir(nbs)
     paths = [find_chapter(c, nbs) for c in chapters] if chapters else list_chapters(nbs)
-    per_chapter = check_params(paths, params or {})
+    params = resolve_user_paths(params or {})
+    per_chapter = check_params(paths, params)
+    check_data(params)
     run = Path(out) if out else new_run_dir()
     run.mkdir(parents=True, exist_ok=True)
     run = run.resolve()
-    summary = {"run": str(run), "profile": profile, "params": params or {}, "env": env_report(), "chapters": []}
+    summary = {"run": str(run), "profile": profile, "params": params, "env": env_report(), "chapters": []}
     print(f"slmops run: {len(paths)} chapter(s), profile {profile}, into {run}", flush=True)
     for i, src in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {src.stem} ...", flush=True)
-        res = run_chapter(src, run/src.stem, profile, per_chapter[src.stem], progress)
+        try: res = run_chapter(src, run/src.stem, profile, per_chapter[src.stem], progress)
+        except Stopped:
+            summary["chapters"].append({"chapter": src.stem, "status": "interrupted", "seconds": 0.0, "notebook": str(run/src.stem/src.name),
+                                        "error": "interrupted", "metrics": {}, "plots": []})
+            write_summary(run, summary)
+            raise
         summary["chapters"].append(res)
         print(f"[{i}/{len(paths)}] {src.stem}: {res['status']} in {res['seconds']:.1f} s", flush=True)
         write_summary(run, summary)
@@ -194,6 +280,15 @@ def summary_table(summary: dict, width: int = 4) -> str:
     return "\n".join([head] + [f"{a:{w[0]}}  {b:{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows])
 
 # %% ../nbs/00c_cli.ipynb #c016
+@contextlib.contextmanager
+def stop_on_signals():
+    "Within the block, SIGINT (Ctrl-C) and SIGTERM raise `Stopped` in the main thread; the old handlers come back after."
+    def stop(signum, frame): raise Stopped(signum)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slmops", description="SLMOps Workbook: run the chapter notebooks.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -218,13 +313,14 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: $SLMOPS_API_KEY, else no key)")
     s.add_argument("--model-id", help="the model's name in the API (default: the folder's name)")
     sub.add_parser("bench", add_help=False, help="benchmark model variants side by side; slmops bench --help lists its options")
+    sub.add_parser("export", add_help=False, help="convert a Hugging Face model folder to ONNX Runtime GenAI; slmops export --help")
     return ap
 
 def main(argv=None) -> int:
     "Entry point of the `slmops` command."
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = _parser().parse_known_args(argv)
-    if rest and args.command not in ("finetune", "bench"): _parser().parse_args(argv)  # the usual error for unknown arguments
+    if rest and args.command not in ("finetune", "bench", "export"): _parser().parse_args(argv)  # the usual error for unknown arguments
     try:
         if args.command == "finetune":
             from slmops_nb.finetune import finetune_main
@@ -232,6 +328,9 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from slmops_nb.bench import bench_main
             return bench_main(rest)
+        if args.command == "export":
+            from slmops_nb.deploy import export_main
+            return export_main(rest)
         if args.command == "serve":
             from slmops_nb.serve import serve
             serve(args.model_dir, args.host, args.port, args.api_key, args.model_id)
@@ -247,10 +346,17 @@ def main(argv=None) -> int:
             if args.json: write_json(args.json, result)
             return 0
         params = dict(parse_param(p) for p in args.param)
-        summary = run_workbook(args.chapters, args.profile, args.out, params, args.nbs, progress=not args.no_progress)
+        with stop_on_signals():
+            summary = run_workbook(args.chapters, args.profile, args.out, params, args.nbs, progress=not args.no_progress)
         print("\n" + summary_table(summary))
         print(f"\nsummary: {summary['run']}/summary.json\nreport:  {summary['run']}/report.md")
         return 0
     except SlmopsError as e:
         print(f"slmops: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        where = (f"in chapter {stop.chapter}; its partial notebook: {stop.notebook}" if getattr(stop, "chapter", None)
+                 else "before any chapter started")
+        print(f"slmops: interrupted ({signal.Signals(stop.signum).name}) {where}. Finished chapters and cached models are kept.",
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import threading
@@ -31,10 +32,10 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 # %% auto #0
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
-           'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root', 'new_run_id',
-           'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'cached_artifact', 'artifact_info',
-           'seed_everything', 'package_versions', 'env_report', 'Timer', 'percentile', 'latency_stats', 'model_size',
-           'dir_size', 'PeakMemory']
+           'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root',
+           'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'cached_artifact',
+           'artifact_info', 'seed_everything', 'package_versions', 'env_report', 'Timer', 'percentile', 'latency_stats',
+           'model_size', 'dir_size', 'PeakMemory']
 
 # %% ../nbs/00_core.ipynb #c005
 PROFILES = ("default", "smoke")
@@ -88,6 +89,22 @@ def atomic_dir(path):
         if old is not None: shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #c009b
+def _running(pid: int) -> bool:
+    try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has ended, only its parent has not reaped it
+    except psutil.NoSuchProcess: return False
+
+def remove_stale_tmp(folder) -> list[Path]:
+    "Delete the temporary siblings (`.<name>.tmp-<pid>-<hex>`) that dead processes left in `folder`; the paths removed."
+    removed = []
+    for p in Path(folder).glob(".*.tmp-*"):
+        m = re.search(r"\.tmp-(\d+)-[0-9a-f]+$", p.name)
+        if not m or _running(int(m.group(1))): continue  # not ours, or its writer is still at work
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+        else: p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 # %% ../nbs/00_core.ipynb #c011
 def to_jsonable(obj):
@@ -184,6 +201,7 @@ def cached_artifact(kind: str, spec: dict, build: Callable[[Path], Any], root=No
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if (path/_DONE).exists(): return path  # another process built it meanwhile
+        remove_stale_tmp(path.parent)  # what killed builds left behind
         t0 = time.perf_counter()
         with atomic_dir(path) as tmp:
             build(tmp)

@@ -11,6 +11,7 @@ import json
 import random
 import string
 from collections import defaultdict
+from dataclasses import dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from .core import SlmopsError, atomic_write_text
 
 # %% auto #0
 __all__ = ['TONES', 'TONE_WEIGHTS', 'TONE_TEMPLATE', 'DATA_SEED', 'SENTIMENT', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS',
-           'DataError', 'lexicon_sentences', 'stratified_split', 'write_jsonl', 'generate_workbench_data',
-           'load_records', 'template_fields', 'render_template', 'chat_messages', 'chat_text', 'workbench_records',
-           'tone_split', 'instruction_split']
+           'TASK_FIELDS', 'DataError', 'lexicon_sentences', 'stratified_split', 'write_jsonl',
+           'generate_workbench_data', 'load_records', 'template_fields', 'render_template', 'chat_messages',
+           'chat_text', 'workbench_records', 'tone_split', 'instruction_split', 'Task']
 
 # %% ../nbs/00a_data.ipynb #c005
 class DataError(SlmopsError):
@@ -352,9 +353,12 @@ def _read_csv(path: Path) -> list[dict]:
     reader = csv.DictReader(io.StringIO(text))
     rows = []
     for i, row in enumerate(reader, 2):
-        if None in row or any(v is None for v in row.values()):
-            raise DataError(f"{path}:{i}: row has {len(row.get(None, [])) or 'fewer'} fields than the header {reader.fieldnames}; quote fields holding commas.")
-        rows.append(dict(row))
+        extra = row.pop(None, None)
+        if extra is not None or any(v is None for v in row.values()):
+            n = len(row) + len(extra) if extra is not None else sum(v is not None for v in row.values())
+            raise DataError(f"{path}:{i}: row has {n} fields, the header has {len(row)} ({', '.join(reader.fieldnames)}); "
+                            "quote fields that hold commas, or fill in the missing ones.")
+        rows.append(row)
     return rows
 
 _READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
@@ -434,3 +438,77 @@ def tone_split(split: str) -> list[dict]:
 def instruction_split(split: str) -> list[dict]:
     "The question → answer pairs of `split` (train, validation or test)."
     return workbench_records(f"instructions_{split}")
+
+# %% ../nbs/00a_data.ipynb #c031
+TASK_FIELDS = ("train_file", "validation_file", "test_file", "input_column", "label_column")  # the chapters' data parameters
+
+@dataclass
+class Task:
+    "A classification task: data files (none: the built-in tones), the column the model reads and the one it answers."
+    train_file: str = ""
+    validation_file: str = ""
+    test_file: str = ""
+    input_column: str = "phrase"
+    label_column: str = "tone"
+    seed: int = 0
+    _splits: dict | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.train_file: return
+        given = [n for n in ("validation_file", "test_file") if getattr(self, n)]
+        if given: raise DataError(f"{given[0]} is set but train_file is not: set train_file too (the built-in tone "
+                                  "data is never mixed with yours).")
+        if (self.input_column, self.label_column) != ("phrase", "tone"):
+            raise DataError(f"input_column={self.input_column!r}, label_column={self.label_column!r} name columns of your data: "
+                            "set train_file (and validation_file, test_file) too. The built-in tones have phrase and tone.")
+
+    @property
+    def builtin(self) -> bool: return not self.train_file
+
+    def splits(self) -> dict[str, list[dict]]:
+        "Train, validation and test records, checked; a split without a file is carved from the train file."
+        if self._splits is None: self._splits = {s: tone_split(s) for s in SPLIT_FRACTIONS} if self.builtin else self._load()
+        return self._splits
+
+    @property
+    def labels(self) -> list[str]:
+        "The answers of the train split, sorted."
+        return sorted({str(r[self.label_column]) for r in self.splits()["train"]})
+
+    def _load(self) -> dict:
+        files = {s: getattr(self, f"{s}_file") for s in SPLIT_FRACTIONS}
+        out = {s: self._checked(f) for s, f in files.items() if f}
+        labels = {str(r[self.label_column]) for r in out["train"]}
+        if len(labels) < 2: raise DataError(f"{self.train_file}: every answer in column {self.label_column!r} is {labels}; "
+                                            "a classification task needs at least two labels.")
+        carve = [s for s, f in files.items() if not f]
+        if carve:
+            shares = {s: SPLIT_FRACTIONS[s] for s in ["train", *carve]}
+            out.update(stratified_split(out["train"], self.label_column, {s: v / sum(shares.values()) for s, v in shares.items()}, self.seed))
+            for s in carve:
+                if not out[s]: raise DataError(f"{self.train_file}: {len(out['train'])} examples are too few to carve a {s} split "
+                                               f"from; add examples or set {s}_file.")
+        return {s: out[s] for s in SPLIT_FRACTIONS}
+
+    def _checked(self, path) -> list[dict]:
+        records = load_records(path, columns=[self.input_column, self.label_column])
+        for i, r in enumerate(records, 1):
+            for c in (self.input_column, self.label_column):
+                v = r.get(c)
+                if v is None or not str(v).strip():
+                    raise DataError(f"{path}: record {i} has an empty {c!r} ({ {k: r[k] for k in list(r)[:3]} }); fill it in or "
+                                    "remove that record.")
+            if "\n" in str(r[self.label_column]).strip():
+                raise DataError(f"{path}: record {i}: the answer {r[self.label_column]!r} holds a newline; a label is one line.")
+        return records
+
+    def describe(self) -> dict:
+        "What the task is, for `metrics.json` and `task.json`: its files (absolute), columns, labels and split sizes."
+        d = {k: str(Path(v).resolve()) if k.endswith("_file") and v and Path(v).exists() else v
+             for k, v in ((f.name, getattr(self, f.name)) for f in fields(self) if f.init)}
+        return {**d, "builtin": self.builtin, "labels": self.labels, "examples": {s: len(r) for s, r in self.splits().items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        "The task `describe` wrote."
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.init and f.name in d})

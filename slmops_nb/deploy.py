@@ -5,52 +5,63 @@
 # %% ../nbs/04_deployment.ipynb #ddaa1bed
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from .core import SlmopsError, atomic_dir, read_json, write_json  # first: it quiets tqdm
+from .core import SlmopsError, Timer, atomic_dir, dir_size, read_json, write_json  # first: it quiets tqdm
 import numpy as np
 from transformers import AutoTokenizer
 
-from .data import TONES, instruction_split, tone_split
-from .olive import run_olive
+from .data import TONES, Task, chat_text, instruction_split
+from .olive import olive_run_config, run_olive
 from .workbench import encode_chats, load_tokenizer, normalize_label, resolve_model, save_model, stop_token_ids
 
 # %% auto #0
 __all__ = ['GENAI_FILES', 'BLOCK_SIZES', 'finetuned_models', 'check_genai_folder', 'check_int4', 'olive_build', 'olive_int8',
-           'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'GenAIModel', 'prompt_template',
-           'foundry_model_folder', 'throughput_copy', 'FoundryLocal']
+           'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'export_model', 'export_main',
+           'GenAIModel', 'prompt_template', 'foundry_model_folder', 'throughput_copy', 'FoundryLocal']
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
-def finetuned_models(chapter03, out, base="workbench:base", epochs: float = 5, qa_epochs: float = 2,
+def finetuned_models(chapter03, out, base="workbench:base", task: Task | None = None, epochs: float = 5, qa_epochs: float = 2,
                      train_limit: int | None = None) -> dict:
-    "Chapter 03's merged tones model and tones/qa adapters; trained into `out` (LoRA, then merged) when missing."
+    "Chapter 03's merged model, its tones/qa adapters and its task (`task.json`); trained into `out` on `task` when missing."
     ch = Path(chapter03)
     found = {"merged": ch/"merged-tones", "tones": ch/"lora"/"model", "qa": ch/"qa"/"model"}
     if (found["merged"]/"config.json").exists() and all((found[k]/"adapter_config.json").exists() for k in ("tones", "qa")):
-        return found
+        made = Task.from_dict(read_json(ch/"task.json")) if (ch/"task.json").exists() else Task()
+        if task is not None and task != made:
+            raise SlmopsError(f"Chapter 03 in {ch} fine-tuned on {made}, but this chapter was asked to use {task}: pass the "
+                              "same data parameters to both chapters, or set model_dir to the model you mean.")
+        return {**found, "task": made}
     from slmops_nb.finetune import chat_examples, finetune  # PEFT and the Trainer: imported only when training
-    out, tok = Path(out), load_tokenizer(base)
-    tones = {s: chat_examples(tok, tone_split(s)[:train_limit], "phrase", "tone") for s in ("train", "validation")}
-    res = finetune("lora", base, tok, tones["train"], tones["validation"], out/"tones", epochs=epochs, dropout=0.0)
+    task, out, tok = task or Task(), Path(out), load_tokenizer(base)
+    data = task.splits()
+    ex = {s: chat_examples(tok, data[s][:train_limit], task.input_column, task.label_column) for s in ("train", "validation")}
+    res = finetune("lora", base, tok, ex["train"], ex["validation"], out/"tones", epochs=epochs, dropout=0.0)
     with atomic_dir(out/"merged-tones") as tmp: save_model(res["model"].merge_and_unload(), tok, tmp)
     qa = {s: encode_chats(tok, [(r["question"], r["answer"]) for r in instruction_split(s)[:train_limit]], 128)
           for s in ("train", "validation")}
     finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", epochs=qa_epochs, lr=1e-3, dropout=0.0)
-    return {"merged": out/"merged-tones", "tones": out/"tones"/"model", "qa": out/"qa"/"model"}
+    return {"merged": out/"merged-tones", "tones": out/"tones"/"model", "qa": out/"qa"/"model", "task": task}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5
 GENAI_FILES = ["genai_config.json", "model.onnx"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 def check_genai_folder(folder) -> Path:
-    "`folder`, if it is an ONNX Runtime GenAI model folder; else a clear error."
+    "`folder`, if it is an ONNX Runtime GenAI model folder; else an error that says what it is and how to convert it."
     folder = Path(folder)
+    if not folder.is_dir():
+        raise SlmopsError(f"{folder}: no such folder (relative paths start at {Path.cwd()}). Give an ONNX Runtime GenAI "
+                          "model folder, such as chapter 04's ort_int4 in a run folder.")
     missing = [f for f in GENAI_FILES if not (folder/f).exists()]
-    if missing: raise SlmopsError(f"{folder} is not an ONNX Runtime GenAI model folder ({', '.join(missing)} missing): "
-                                  "build one with olive_build, builder_config or build_direct.")
+    if missing:
+        what = "a Hugging Face model folder, not" if (folder/"config.json").exists() else "not"
+        raise SlmopsError(f"{folder} is {what} an ONNX Runtime GenAI model folder ({', '.join(missing)} missing). "
+                          f"Convert a Hugging Face model with: slmops export {folder} OUT_FOLDER --precision int4")
     return folder
 
 def check_int4(block_size: int, symmetric: bool):
@@ -138,6 +149,36 @@ def exportable_adapter(adapter_dir, out) -> Path:
                   tmp/"adapter_model.safetensors")
     return Path(out)
 
+# %% ../nbs/04_deployment.ipynb #ex02
+def export_model(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True, tool: str = "olive") -> Path:
+    "A GenAI folder of a Hugging Face model: Olive's ModelBuilder pass (int8: fp32, then `olive quantize`), or the builder itself."
+    if tool not in ("olive", "builder"): raise SlmopsError(f"tool must be olive or builder, got {tool!r}.")
+    if precision not in ("fp32", "int8", "int4"): raise SlmopsError(f"precision must be fp32, int8 or int4, got {precision!r}.")
+    check_int4(block_size, symmetric)
+    resolve_model(model)  # a folder that is not a model is refused before a tool starts
+    if tool == "builder":
+        if precision == "int8": raise SlmopsError("The builder makes no int8 on CPU: use the olive tool (fp32, then olive quantize).")
+        return build_direct(model, out, precision, block_size, symmetric)
+    if precision != "int8": return olive_run_config(builder_config(model, precision, block_size, symmetric), out, GENAI_FILES)
+    fp32 = olive_run_config(builder_config(model, "fp32"), Path(out).with_name(Path(out).name + ".fp32"), GENAI_FILES)
+    try: return olive_int8(fp32, out)
+    finally: shutil.rmtree(fp32, ignore_errors=True)
+
+# %% ../nbs/04_deployment.ipynb #ex03
+def export_main(argv=None) -> int:
+    "`slmops export MODEL OUT`: a Hugging Face model folder converted for ONNX Runtime GenAI, `slmops serve` and Foundry Local."
+    ap = argparse.ArgumentParser(prog="slmops export", description="Convert a Hugging Face model folder to ONNX Runtime GenAI.")
+    ap.add_argument("model", help="the model: a folder written by save_pretrained, a workbench name or a hub id")
+    ap.add_argument("out", help="the ONNX Runtime GenAI folder to write (replaced only when the conversion succeeds)")
+    ap.add_argument("--precision", default="int4", choices=("fp32", "int8", "int4"))
+    ap.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 weights sharing one scale")
+    ap.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
+    ap.add_argument("--tool", default="olive", choices=("olive", "builder"), help="Olive's ModelBuilder pass, or the builder alone")
+    a = ap.parse_args(argv)
+    with Timer() as t: out = export_model(a.model, a.out, a.precision, a.block_size, not a.asymmetric, a.tool)
+    print(f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}")
+    return 0
+
 # %% ../nbs/04_deployment.ipynb #b7356007
 class GenAIModel:
     "An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters per request."
@@ -148,8 +189,10 @@ class GenAIModel:
         self.model = og.Model(str(self.folder))
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = AutoTokenizer.from_pretrained(str(self.folder))  # the chat template and the stop tokens
-        self.stop_ids = set(stop_token_ids(self.chat_tokenizer))
-        self.context_length = read_json(self.folder/"genai_config.json")["model"]["context_length"]
+        cfg = read_json(self.folder/"genai_config.json")["model"]
+        eos = cfg.get("eos_token_id", [])
+        self.stop_ids = set(stop_token_ids(self.chat_tokenizer)) | set(eos if isinstance(eos, list) else [eos])
+        self.context_length = cfg["context_length"]
         self.adapters, self.adapter_names = None, []
 
     def load_adapter(self, name: str, path) -> GenAIModel:
@@ -184,6 +227,18 @@ class GenAIModel:
             token = int(gen.get_next_tokens()[0])
             if token in self.stop_ids and not ignore_eos: break
             yield decoder.decode(token)
+
+    def next_token_logits(self, prompts: list[str]) -> np.ndarray:
+        "The logits of the token after each prompt, from the ids the folder's Hugging Face tokenizer gives (as `workbench.next_token_logits`)."
+        rows = []
+        for p in prompts:
+            ids = self.chat_tokenizer(chat_text(self.chat_tokenizer, p), add_special_tokens=False)["input_ids"]
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=len(ids) + 1)
+            gen = self.og.Generator(self.model, params)
+            gen.append_tokens(ids)
+            rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+        return np.stack(rows)
 
     def chat_stream(self, messages: list[dict], max_new_tokens: int = 32, adapter: str | None = None, ignore_eos: bool = False):
         "Yield the answer to `messages` piece by piece."

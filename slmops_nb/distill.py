@@ -129,12 +129,13 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher=None, st
         diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:3]
         raise SlmopsError(f"Logit KD needs one vocabulary: the teacher tokenizer has {len(tv)} tokens, the student "
                           f"{len(sv)}, and they differ (for example {diff}). Use sequence-level KD (it needs only the "
-                          "teacher's text), or a student of the teacher's family (same tokenizer).")
+                          "teacher's text: methods=['gold_only', 'seq_kd']), or a student of the teacher's family (same tokenizer).")
     if teacher is not None and student is not None:
         tn, sn = teacher.get_output_embeddings().out_features, student.get_output_embeddings().out_features
         if tn != sn:
             raise SlmopsError(f"Logit KD needs one vocabulary: the teacher outputs {tn} logits per token, the student "
-                              f"{sn}. Resize the student (model.resize_token_embeddings({tn})) or use sequence-level KD.")
+                              f"{sn}. Resize the student (model.resize_token_embeddings({tn})) or use sequence-level KD "
+                              "(methods=['gold_only', 'seq_kd']).")
 
 # %% ../nbs/02_distillation.ipynb #d26fa4d1
 class DistillTrainer(Trainer):

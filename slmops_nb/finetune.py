@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, EarlyStoppingCallback, Trainer, TrainerCallback
 
-from .data import chat_text, load_records, tone_split
+from .data import Task
 from .olive import olive_finetune
 from .workbench import (PadCollator, classify, encode_chats, label_scores, load_model, load_tokenizer, resolve_model,
                                  train_causal_lm)
 
 # %% auto #0
 __all__ = ['METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'load_base',
-           'peft_config', 'prepare_model', 'trainable_parameters', 'task_records', 'chat_examples',
-           'overfitting_points', 'OverfittingWarning', 'class_weights', 'label_token_weights', 'WeightedLossTrainer',
-           'finetune', 'answer_loss', 'evaluate_task', 'olive_training_args', 'olive_method', 'load_olive_method',
-           'suggest', 'random_search', 'load_adapters', 'generation_scores', 'finetune_main']
+           'peft_config', 'prepare_model', 'trainable_parameters', 'chat_examples', 'overfitting_points',
+           'OverfittingWarning', 'class_weights', 'weighted_examples', 'WeightedLossTrainer', 'finetune', 'answer_loss',
+           'evaluate_task', 'olive_training_args', 'olive_method', 'load_olive_method', 'suggest', 'random_search',
+           'load_adapters', 'generation_scores', 'finetune_main']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
@@ -82,13 +82,6 @@ def trainable_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/03_finetuning.ipynb #b79781ef
-def task_records(train_file: str = "", validation_file: str = "", test_file: str = "", input_column: str = "phrase",
-                 label_column: str = "tone") -> dict[str, list[dict]]:
-    "Train, validation and test records with `input_column` and `label_column` (the workbench tone splits by default)."
-    files = {"train": train_file, "validation": validation_file, "test": test_file}
-    return {split: load_records(f, columns=[input_column, label_column]) if f else tone_split(split)
-            for split, f in files.items()}
-
 def chat_examples(tokenizer, records: list[dict], input_column: str, label_column: str, max_length: int = 64) -> list[dict]:
     "Tokenized chats, loss on the answer only."
     return encode_chats(tokenizer, [(r[input_column], str(r[label_column])) for r in records], max_length)
@@ -123,31 +116,23 @@ def class_weights(labels: list[str]) -> dict[str, float]:
     counts = {l: labels.count(l) for l in sorted(set(labels))}
     return {l: len(labels) / (len(counts) * c) for l, c in counts.items()}
 
-def label_token_weights(tokenizer, weights: dict[str, float], vocab_size: int) -> torch.Tensor:
-    "A per-token weight vector: 1 everywhere, the label's weight on each label's first answer token."
-    w = torch.ones(vocab_size)
-    owner = {}
-    prompt = tokenizer(chat_text(tokenizer, "x"), add_special_tokens=False)["input_ids"]
-    for label, weight in weights.items():
-        full = tokenizer(chat_text(tokenizer, "x", label), add_special_tokens=False)["input_ids"]
-        tid = full[len(prompt)]
-        if tid in owner: raise SlmopsError(f"Labels {owner[tid]!r} and {label!r} start with the same token: "
-                                           "class weights need labels whose answers start differently.")
-        owner[tid], w[tid] = label, weight
-    return w
+def weighted_examples(examples: list[dict], records: list[dict], label_column: str, weights: dict[str, float]) -> list[dict]:
+    "Each encoded example with its label's weight as `weight` (what `WeightedLossTrainer` reads)."
+    return [{**e, "weight": weights[str(r[label_column])]} for e, r in zip(examples, records, strict=True)]
 
 class WeightedLossTrainer(Trainer):
-    "A Trainer whose `compute_loss` is token-weighted cross-entropy (class weights) with optional label smoothing."
-    def __init__(self, *args, token_weights: torch.Tensor | None = None, label_smoothing: float = 0.0, **kwargs):
+    "A Trainer whose loss weighs each example's answer tokens by its `weight` (class weights), with optional label smoothing."
+    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.token_weights, self.label_smoothing = token_weights, label_smoothing
+        self.label_smoothing = label_smoothing
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        labels, weight = inputs["labels"][:, 1:], inputs.get("weight")
+        outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "weight")})
         logits = outputs.logits[:, :-1].float()
-        w = None if self.token_weights is None else self.token_weights.to(logits.device)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), weight=w,
-                               ignore_index=-100, label_smoothing=self.label_smoothing)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                    label_smoothing=self.label_smoothing, reduction="none").view_as(labels)
+        w = (labels != -100).float() * (1.0 if weight is None else weight.to(logits.device).float()[:, None])
+        loss = (per_token * w).sum() / w.sum().clamp_min(1e-8)
         return (loss, outputs) if return_outputs else loss
 
 # %% ../nbs/03_finetuning.ipynb #a87f999a
@@ -271,8 +256,8 @@ def finetune_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slmops finetune", description="Fine-tune one method (full or an adapter); torchrun-ready.")
     ap.add_argument("--base", default="workbench:base", help="workbench name, model folder or hub id")
     ap.add_argument("--method", default="lora", help=f"one of full, {', '.join(ADAPTER_METHODS)}")
-    ap.add_argument("--train", default="", help="training file (json, jsonl, csv); default: the workbench tone train split")
-    ap.add_argument("--validation", default="", help="validation file; default: the workbench tone validation split")
+    ap.add_argument("--train", default="", help="training file (json, jsonl, csv); default: the built-in tones")
+    ap.add_argument("--validation", default="", help="validation file; default: carved from the training file")
     ap.add_argument("--input-column", default="phrase"); ap.add_argument("--label-column", default="tone")
     ap.add_argument("--out", required=True, help="output folder (model/, checkpoints/, ranks/)")
     ap.add_argument("--epochs", type=float, default=1.0); ap.add_argument("--max-steps", type=int, default=0)
@@ -284,7 +269,7 @@ def finetune_main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.method not in ("full", *ADAPTER_METHODS): raise SlmopsError(f"Unknown method {a.method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
-    data = task_records(a.train, a.validation, "", a.input_column, a.label_column)
+    data = Task(a.train, a.validation, "", a.input_column, a.label_column, a.seed).splits()
     tok = load_tokenizer(a.base)
     ex = {s: chat_examples(tok, data[s][:a.limit or None], a.input_column, a.label_column, a.max_length) for s in ("train", "validation")}
     out = Path(a.out)

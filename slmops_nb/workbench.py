@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .core import (SlmopsError, Timer, artifact_info, cached_artifact, dir_size, file_hash,  # first: it quiets tqdm
                             latency_stats, model_size, seed_everything, write_json)
+import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback,
                           TrainingArguments)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -22,11 +23,12 @@ from .data import (DATA_DIR, SENTIMENT, TONES, WORKBENCH_FILES, chat_messages, c
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'WORKBENCH_PREFIX', 'MODEL_SPECS',
-           'STUDENT_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'tokenizer_spec', 'build_tokenizer',
-           'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts', 'encode_chats', 'PadCollator',
-           'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm', 'stop_token_ids', 'generate',
-           'normalize_label', 'classify', 'accuracy', 'label_scores', 'size_and_latency', 'model_spec', 'new_model',
-           'save_model', 'workbench_path', 'build_workbench', 'benchmark_workbench']
+           'STUDENT_ARCH', 'CHATML_TEMPLATE', 'TINY_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus',
+           'tokenizer_spec', 'build_tokenizer', 'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts',
+           'encode_chats', 'PadCollator', 'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm',
+           'end_of_turn_id', 'stop_token_ids', 'generate', 'normalize_label', 'classify', 'accuracy', 'label_scores',
+           'size_and_latency', 'next_token_logits', 'logit_gap', 'model_spec', 'new_model', 'save_model',
+           'workbench_path', 'build_workbench', 'benchmark_workbench', 'tiny_model']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -101,7 +103,8 @@ def resolve_model(name_or_path) -> str | Path:
     if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
     if p.is_dir(): return _check_model_dir(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
-        raise SlmopsError(f"{s}: model folder not found. Check the path, or give a hub id such as 'owner/name'.")
+        raise SlmopsError(f"{s}: model folder not found (relative paths start at {Path.cwd()}). Check the path, "
+                          "or give a hub id such as 'owner/name'.")
     return s
 
 def load_tokenizer(name_or_path="workbench:base", **kwargs):
@@ -135,7 +138,7 @@ def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int = 128,
     return out
 
 class PadCollator:
-    "Right-pad a batch: pad id for inputs, -100 for labels, and the attention mask."
+    "Right-pad a batch: pad id for inputs, -100 for labels, and the attention mask (and each example's `weight`, if it has one)."
     def __init__(self, pad_id: int): self.pad_id = pad_id
     def __call__(self, batch):
         n = max(len(b["input_ids"]) for b in batch)
@@ -145,7 +148,9 @@ class PadCollator:
         for i, b in enumerate(batch):
             k = len(b["input_ids"])
             ids[i, :k] = torch.tensor(b["input_ids"]); labels[i, :k] = torch.tensor(b["labels"]); mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "weight" in batch[0]: out["weight"] = torch.tensor([b["weight"] for b in batch], dtype=torch.float32)
+        return out
 
 class EpochLogger(TrainerCallback):
     "Print about `lines` progress lines per training run (train loss, eval loss if any) instead of a progress flood."
@@ -189,9 +194,18 @@ def train_causal_lm(model, tokenizer, train: list[dict], *, eval: list[dict] | N
     return run_trainer(trainer, name)
 
 # %% ../nbs/00b_workbench.ipynb #c013
+def end_of_turn_id(tokenizer) -> int | None:
+    "The special token the chat template closes an answer with (`<|end|>`, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...)."
+    if not getattr(tokenizer, "chat_template", None): return None
+    marker = "ANSWER-7f3a"
+    text = chat_text(tokenizer, "x", marker)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), None)
+
 def stop_token_ids(tokenizer) -> list[int]:
-    "Token ids that end an answer: the tokenizer's eos and the chat template's `<|end|>` (when it has one)."
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+    "Token ids that end an answer: the tokenizer's eos and the token its chat template ends a turn with."
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 @torch.no_grad()
@@ -238,6 +252,29 @@ def size_and_latency(model, tokenizer, phrase: str, repeats: int = 20, path=None
     return {"params": size["params"], "weight_bytes": size["weight_bytes"], "disk_bytes": dir_size(path) if path else None,
             "forward_ms_p50": fwd["p50_ms"], "latency_ms_p50": lat["p50_ms"], "latency_ms_p95": lat["p95_ms"]}
 
+# %% ../nbs/00b_workbench.ipynb #c013b
+@torch.no_grad()
+def next_token_logits(model, tokenizer, prompts: list[str]) -> np.ndarray:
+    "The logits of the token after each prompt (user messages in the chat template), one fp32 row per prompt."
+    rows = []
+    for p in prompts:
+        ids = tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+        rows.append(model(torch.tensor([ids], device=model.device)).logits[0, -1].float().cpu().numpy())
+    return np.stack(rows)
+
+# %% ../nbs/00b_workbench.ipynb #c013c
+def logit_gap(reference: np.ndarray, other: np.ndarray, what: str = "the model", tolerance: float = 1e-3) -> dict:
+    "The largest logit difference of `other` from `reference`, relative to their size; raises when over `tolerance`."
+    if other.shape != reference.shape:
+        raise SlmopsError(f"{what} gives logits of shape {other.shape}, its reference {reference.shape}: it is another model "
+                          "(another vocabulary?). Rebuild it from the same model folder.")
+    rel = float(np.abs(other - reference).max() / max(1.0, float(np.abs(reference).max())))
+    gap = {"relative": rel, "tolerance": tolerance, "top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).mean())}
+    if rel > tolerance:
+        raise SlmopsError(f"{what} computes other logits than its reference: the largest difference is {rel:.2e} of their size, "
+                          f"expected at most {tolerance:.0e}. It is not the same model: rebuild it from the same folder.")
+    return gap
+
 # %% ../nbs/00b_workbench.ipynb #c015
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> dict:
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -269,8 +306,10 @@ def _training_data(kind: str, tokenizer, max_length: int):
     return encode_chats(tokenizer, pairs("train"), max_length), encode_chats(tokenizer, pairs("validation"), max_length)
 
 def save_model(model, tokenizer, out: Path):
-    "Save model (safetensors), tokenizer and a generation config that stops at the end of a turn."
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.convert_tokens_to_ids("<|end|>")],
+    "Save model (safetensors), tokenizer and a generation config that stops where the chat template ends a turn."
+    own = getattr(model.generation_config, "eos_token_id", None)  # a hub model's own stop tokens stay
+    own = own if isinstance(own, list) else [] if own is None else [own]
+    model.generation_config = GenerationConfig(eos_token_id=sorted(set(stop_token_ids(tokenizer)) | set(own)),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -315,3 +354,26 @@ def benchmark_workbench(fresh: bool = False) -> dict:
             "artifact_build_seconds": {k: v["build_seconds"] for k, v in built.items() if k != "seconds"},
             "cached_seconds": cached.seconds, "teacher_load_seconds": load.seconds, "teacher_test_accuracy": acc,
             "torch_threads": torch.get_num_threads()}
+
+# %% ../nbs/00b_workbench.ipynb #c031
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY_ARCH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                 max_position_embeddings=256, tie_word_embeddings=False)
+
+def tiny_model(out, model_type: str = "qwen2", vocab_size: int = 512, seed: int = 0, **arch) -> Path:
+    "Save a random-initialised `model_type` causal LM with a ChatML BPE tokenizer into `out` (a hub model's shape, offline)."
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(tokenizer_corpus()[:3000], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=CHATML_TEMPLATE, model_max_length=256)
+    seed_everything(seed)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               **{**TINY_ARCH, **arch})
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return Path(out)

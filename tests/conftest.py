@@ -16,3 +16,29 @@ def runs_root(tmp_path, monkeypatch):
     "Every test writes run folders into its own temporary folder, never into the repository."
     monkeypatch.setenv("SLMOPS_RUNS_ROOT", str(tmp_path/"runs"))
     return tmp_path/"runs"
+
+
+INTENTS = {"book_flight": ["book a flight to {c}", "I need a plane ticket to {c}", "fly me to {c} on friday"],
+           "book_hotel": ["book a hotel in {c}", "find me a room in {c}", "I need a hotel near {c} station"],
+           "play_music": ["play some jazz from {c}", "put on music from {c}", "play the top songs in {c}"],
+           "set_alarm": ["wake me up before the {c} meeting", "set an alarm for the {c} call", "alarm at 7 for {c}"]}
+CITIES = ["Paris", "Oslo", "Lima", "Rome", "Kyoto", "Cairo", "Quito", "Bern", "Dakar", "Perth"]
+
+
+@pytest.fixture(scope="session")
+def intents_csv(tmp_path_factory) -> Path:
+    "A user's own classification data: a CSV with columns id, utterance, intent (labels that start alike)."
+    import csv
+    path = tmp_path_factory.mktemp("intents")/"intents.csv"
+    rows = [(u.format(c=c), label) for label, us in INTENTS.items() for u in us for c in CITIES]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f); w.writerow(["id", "utterance", "intent"])
+        w.writerows((i, u, l) for i, (u, l) in enumerate(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    "A tiny random-initialised Qwen2 folder with a ChatML tokenizer (pad <|endoftext|> = 0, eos <|im_end|> = 2)."
+    from slmops_nb.workbench import tiny_model
+    return tiny_model(tmp_path_factory.mktemp("models")/"qwen2-chatml")

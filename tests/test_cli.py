@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -29,6 +31,8 @@ def test_list_shows_chapters_and_parameters():
     (["01", "-p", "out_dir=/tmp/x"], "are set by the runner"),
     (["99"], "Unknown chapter '99'; chapters: 01_introduction"),
     (["01", "-p", "eval_limit"], "is not NAME=VALUE"),
+    (["03", "-p", "epochs=-1"], "parameter epochs must be at least 0 (default 0"),
+    (["03", "-p", "lr=-0.1"], "parameter lr must be at least 0"),
 ])
 def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, message):
     out = tmp_path/"run"; out.mkdir(); (out/"keep.txt").write_text("earlier results")
@@ -121,3 +125,48 @@ def test_whole_workbook_smoke_run(tmp_path):
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout
+
+
+def test_bad_data_column_is_refused_before_any_model_loads(tmp_path, intents_csv):
+    "A data parameter naming a column the file lacks stops the run in seconds: no chapter starts, nothing is written."
+    out = tmp_path/"run"
+    t0 = time.perf_counter()
+    r = slmops("run", "-p", f"train_file={intents_csv}", "-p", "input_column=utterance", "-p", "label_column=label", "--out", out)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 2 and f"{intents_csv}: missing column(s) ['label']; columns found: ['id', 'intent', 'utterance']" in r.stderr
+    assert not out.exists() and seconds < 30, seconds
+
+
+def test_relative_paths_start_where_slmops_was_started(tmp_path, intents_csv):
+    "Chapters run from nbs/; a relative path in a parameter still means the caller's folder."
+    (tmp_path/"data").mkdir(); shutil.copy(intents_csv, tmp_path/"data"/"intents.csv")
+    r = slmops("run", "03", "-p", "train_file=data/intents.csv", "-p", "input_column=utterance", "-p", "label_column=nope",
+               "--nbs", ROOT/"nbs", cwd=tmp_path)
+    assert r.returncode == 2 and f"{tmp_path/'data'/'intents.csv'}: missing column(s) ['nope']" in r.stderr, r.stderr
+    r = slmops("run", "01", "--profile", "smoke", "-p", "base_model=./no-such-model", "--out", tmp_path/"run", "--no-progress",
+               "--nbs", ROOT/"nbs", cwd=tmp_path)
+    assert r.returncode == 2 and f"{tmp_path/'no-such-model'}: model folder not found" in r.stderr, r.stderr[-2000:]
+
+
+def test_chapter01_takes_one_model_as_base_and_teacher(tmp_path, qwen_dir):
+    "The same folder in both roles is measured, with a warning that says what distillation needs (no bare assert)."
+    out = tmp_path/"run"
+    r = slmops("run", "01", "--profile", "smoke", "-p", f"base_model={qwen_dir}", "-p", f"teacher_model={qwen_dir}",
+               "-p", "eval_limit=16", "-p", "latency_repeats=2", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out/"01_introduction"/"metrics.json").read_text())
+    assert metrics["teacher_params"] == metrics["base_params"] and metrics["teacher_model"] == str(qwen_dir)
+    assert "is not larger than the base" in (out/"01_introduction"/"01_introduction.ipynb").read_text()
+
+
+def test_chapter02_distills_into_a_student_of_another_vocabulary_by_methods(tmp_path, qwen_dir):
+    "A ChatML student cannot take logit KD from the workbench teacher: methods leaves it out, and the chapter runs."
+    out = tmp_path/"run"
+    r = slmops("run", "02", "--profile", "smoke", "-p", f"student={qwen_dir}", "-p", "methods=['gold_only', 'seq_kd']",
+               "-p", "unlabeled_size=128", "-p", "eval_limit=32", "-p", "latency_repeats=2", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out/"02_distillation"/"metrics.json").read_text())
+    assert {"student_gold_only_accuracy", "student_seq_kd_accuracy"} <= set(metrics) and "student_logit_kd_accuracy" not in metrics
+    assert metrics["best_student"] in ("gold_only", "seq_kd") and (out/"02_distillation"/"student"/"config.json").exists()
+    r = slmops("run", "02", "-p", "methods=['gold_only', 'kd']", "--out", tmp_path/"bad", "--no-progress", "--profile", "smoke")
+    assert r.returncode == 2 and "methods must be some of ['gold_only', 'seq_kd', 'logit_kd'], got ['gold_only', 'kd']" in r.stderr

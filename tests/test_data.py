@@ -8,7 +8,7 @@ import pytest
 from slmops_nb.core import SlmopsError
 
 from slmops_nb.data import (DATA_DIR, SPLIT_FRACTIONS, TONE_TEMPLATE, TONES, WORKBENCH_FILES, DataError,
-                            generate_workbench_data, instruction_split, load_records, render_template,
+                            Task, generate_workbench_data, instruction_split, load_records, render_template,
                             stratified_split, tone_split, workbench_records)
 
 
@@ -59,7 +59,8 @@ def test_loaders_read_json_jsonl_csv(files):
     ('{"phrase": "a", "tone": "joy"}\n{"phrase": \n', "bad.jsonl", r"bad\.jsonl:2: unreadable line"),
     ("[1, 2]", "list.json", r"list\.json: expected a list of JSON objects"),
     ('{"phrase": "a",}', "broken.json", r"broken\.json: unreadable JSON at line 1"),
-    ('phrase,tone\na,joy,extra\n', "extra.csv", r"extra\.csv:2: row has 1 fields than the header|extra\.csv:2: row has"),
+    ('phrase,tone\na,joy,extra\n', "extra.csv", r"extra\.csv:2: row has 3 fields, the header has 2 \(phrase, tone\); quote fields"),
+    ('phrase,tone\na\n', "short.csv", r"short\.csv:2: row has 1 fields, the header has 2 \(phrase, tone\)"),
     ("phrase\tjoy", "data.tsv", r"unsupported file type '\.tsv'"),
 ])
 def test_bad_input_names_file_and_problem(tmp_path, content, name, match):
@@ -98,3 +99,37 @@ def test_stratified_split():
         stratified_split(recs, "label")
     with pytest.raises(SlmopsError, match="sum to 1"):
         stratified_split(recs, "y", {"train": 0.5})
+
+
+def test_task_never_mixes_the_builtin_data_with_yours(intents_csv):
+    "Only a train file: validation and test are carved from it (stratified), never taken from the tones."
+    task = Task(str(intents_csv), input_column="utterance", label_column="intent")
+    splits = task.splits()
+    assert {s: len(r) for s, r in splits.items()} == {"train": 88, "validation": 16, "test": 16}  # 30 a label: 22 + 4 + 4
+    assert all(set(r) == {"id", "utterance", "intent"} for rs in splits.values() for r in rs)
+    assert task.labels == ["book_flight", "book_hotel", "play_music", "set_alarm"]
+    ids = [r["id"] for rs in splits.values() for r in rs]
+    assert len(ids) == len(set(ids)) == 120  # every record in one split only
+    assert Task(str(intents_csv), test_file=str(intents_csv), input_column="utterance", label_column="intent").splits()["test"] \
+        == load_records(intents_csv)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(input_column="utterance", label_column="intent"), "set train_file"),
+    (dict(validation_file="v.csv"), "validation_file is set but train_file is not"),
+])
+def test_partial_data_parameters_are_refused(kw, match):
+    with pytest.raises(DataError, match=match): Task(**kw)
+
+
+@pytest.mark.parametrize("csv,match", [
+    ("utterance,intent\nbook a flight,book_flight\nplay jazz,\n", r"record 2 has an empty 'intent'"),
+    ("utterance,intent\n ,book_flight\nplay jazz,play_music\n", r"record 1 has an empty 'utterance'"),
+    ("utterance,intent\nbook a flight,book_flight\nbook a room,book_flight\n", r"a classification task needs at least two labels"),
+    ('utterance,intent\nbook a flight,"book\nflight"\nplay jazz,play_music\n', r"holds a newline"),
+    ("utterance,label\nbook a flight,book_flight\n", r"missing column\(s\) \['intent'\]"),
+])
+def test_bad_task_data_is_refused_naming_file_and_record(tmp_path, csv, match):
+    (tmp_path/"t.csv").write_text(csv)
+    with pytest.raises(DataError, match=match):
+        Task(str(tmp_path/"t.csv"), input_column="utterance", label_column="intent").splits()

@@ -8,9 +8,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from slmops_nb.core import SlmopsError, read_json
-from slmops_nb.data import tone_split
-from slmops_nb.deploy import FoundryLocal, GenAIModel, build_direct, builder_config, foundry_model_folder, olive_build, olive_int8
+from slmops_nb.core import SlmopsError, read_json, write_json
+from slmops_nb.data import Task, tone_split
+from slmops_nb.deploy import (FoundryLocal, GenAIModel, build_direct, builder_config, finetuned_models, foundry_model_folder,
+                              olive_build, olive_int8)
 from slmops_nb.distill import endpoint_answers, synthesize
 from slmops_nb.serve import RequestError, ServerProcess, load_test, parse_chat_request
 from slmops_nb.workbench import resolve_model
@@ -144,3 +145,22 @@ def test_olive_model_builder_failure_is_a_clear_error(tmp_path):
         run_olive(["auto-opt", "-m", resolve_model("workbench:base"), "--use_model_builder", "--precision", "int8",
                    "--device", "cpu", "--provider", "CPUExecutionProvider"], tmp_path/"int8", GENAI_FILES)
     assert not (tmp_path/"int8").exists() and (tmp_path/"int8.olive.log").exists()
+
+
+def _chapter03(folder, task=None):
+    for d in ("merged-tones", "lora/model", "qa/model"): (folder/d).mkdir(parents=True)
+    (folder/"merged-tones"/"config.json").write_text("{}")
+    for d in ("lora/model", "qa/model"): (folder/d/"adapter_config.json").write_text("{}")
+    if task is not None: write_json(folder/"task.json", task.describe())
+    return folder
+
+
+def test_chapter04_takes_the_task_chapter03_trained_on(tmp_path, intents_csv):
+    "Deploying chapter 03's model scores it on chapter 03's data, never silently on the tones."
+    intents = Task(str(intents_csv), input_column="utterance", label_column="intent")
+    ch = _chapter03(tmp_path/"03_finetuning", intents)
+    assert finetuned_models(ch, tmp_path/"unused")["task"] == intents
+    assert finetuned_models(ch, tmp_path/"unused", task=intents)["task"].labels == intents.labels
+    with pytest.raises(SlmopsError, match="Chapter 03 in .* fine-tuned on Task.*intents.csv.*pass the same data parameters"):
+        finetuned_models(ch, tmp_path/"unused", task=Task(str(intents_csv), input_column="utterance", label_column="intent", seed=1))
+    assert finetuned_models(_chapter03(tmp_path/"old"), tmp_path/"unused")["task"] == Task()  # a run from before task.json

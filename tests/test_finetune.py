@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from slmops_nb.core import SlmopsError
-from slmops_nb.data import DataError, tone_split, write_jsonl
-from slmops_nb.finetune import (WeightedLossTrainer, check_lora, check_methods, class_weights, finetune, label_token_weights,
-                                overfitting_points, prepare_model, task_records, trainable_parameters)
+from slmops_nb.data import DataError, Task, tone_split, write_jsonl
+from slmops_nb.finetune import (WeightedLossTrainer, chat_examples, check_lora, check_methods, class_weights, finetune,
+                                overfitting_points, prepare_model, trainable_parameters, weighted_examples)
 from slmops_nb.workbench import PadCollator, encode_chats, load_tokenizer, training_defaults
 
 BIN = Path(sys.executable).parent
@@ -47,7 +47,7 @@ def test_rank_0_is_refused_before_training(tmp_path, tok):
 def test_missing_data_column_is_named(tmp_path):
     f = write_jsonl(tmp_path/"train.jsonl", [{"phrase": "I am glad", "label": "joy"}])
     with pytest.raises(DataError, match="tone"):
-        task_records(train_file=str(f))
+        Task(train_file=str(f)).splits()
 
 
 def test_cli_refuses_unknown_method(tmp_path):
@@ -69,27 +69,45 @@ def test_overfitting_points():
     assert [p["step"] for p in overfitting_points(hist)] == [3]  # at step 4 the training loss rose too
 
 
-def test_class_weights_and_label_tokens(tok):
-    w = class_weights(["a", "a", "a", "b"])
-    assert w == {"a": 4 / 6, "b": 2.0}
-    tw = label_token_weights(tok, {"joy": 2.0, "fear": 0.5}, len(tok))
-    assert sorted(tw[tw != 1].tolist()) == [0.5, 2.0]
-    with pytest.raises(SlmopsError, match="start with the same token"):
-        label_token_weights(tok, {"joy": 1.0, "joy joy": 2.0}, len(tok))
+def test_class_weights():
+    assert class_weights(["a", "a", "a", "b"]) == {"a": 4 / 6, "b": 2.0}
 
 
-def test_weighted_loss_equals_plain_loss_with_unit_weights_and_differs_otherwise(tok):
+@pytest.mark.parametrize("labels", [["book_flight", "book_hotel"], ["sadness", "surprise"]])
+def test_weighted_loss_takes_labels_that_start_alike(tok, qwen_dir, labels):
+    "Class weights ride with the examples: labels sharing their first tokens (book_*; the tones on a ChatML tokenizer) work."
+    from transformers import TrainingArguments
+    for folder in ("workbench:base", qwen_dir):
+        t, model = load_tokenizer(folder), prepare_model("full", folder)
+        records = [{"text": f"example {i}", "label": labels[i % 2]} for i in range(8)]
+        ex = chat_examples(t, records, "text", "label")
+        args = TrainingArguments(output_dir="/tmp/slmops-test-wl", **training_defaults())
+        plain = model(**PadCollator(t.pad_token_id)(ex)).loss.item()
+        trainer = WeightedLossTrainer(model=model, args=args)
+        unit = trainer.compute_loss(model, PadCollator(t.pad_token_id)(weighted_examples(ex, records, "label", dict.fromkeys(labels, 1.0))))
+        weighted = trainer.compute_loss(model, PadCollator(t.pad_token_id)(weighted_examples(ex, records, "label", {labels[0]: 5.0, labels[1]: 0.2})))
+        assert math.isclose(unit.item(), plain, rel_tol=1e-5) and abs(weighted.item() - plain) > 1e-4, folder
+
+
+def test_weighted_loss_equals_plain_loss_without_weights_and_smoothing_changes_it(tok):
     from transformers import TrainingArguments
     model = prepare_model("full", "workbench:base")
     batch = PadCollator(tok.pad_token_id)(encode_chats(tok, [(r["phrase"], r["tone"]) for r in tone_split("train")[:8]]))
     args = TrainingArguments(output_dir="/tmp/slmops-test-wl", **training_defaults())
     plain = model(**batch).loss.item()
-    unit = WeightedLossTrainer(model=model, args=args, token_weights=torch.ones(len(tok)))
-    assert math.isclose(unit.compute_loss(model, dict(batch)).item(), plain, rel_tol=1e-5)
-    weighted = WeightedLossTrainer(model=model, args=args, token_weights=label_token_weights(tok, {"joy": 5.0, "neutral": 0.2}, len(tok)))
+    assert math.isclose(WeightedLossTrainer(model=model, args=args).compute_loss(model, dict(batch)).item(), plain, rel_tol=1e-5)
     smoothed = WeightedLossTrainer(model=model, args=args, label_smoothing=0.1)
-    assert abs(weighted.compute_loss(model, dict(batch)).item() - plain) > 1e-3
     assert abs(smoothed.compute_loss(model, dict(batch)).item() - plain) > 1e-3
+
+
+def test_slmops_finetune_without_validation_carves_it_from_the_train_file(intents_csv, tmp_path):
+    r = subprocess.run([BIN/"slmops", "finetune", "--method", "lora", "--train", intents_csv, "--input-column", "utterance",
+                        "--label-column", "intent", "--out", tmp_path/"ft", "--max-steps", "2", "--batch-size", "8"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path/"ft"/"ranks"/"rank-0.json").read_text())["train_examples"] == 88  # 22 of the 30 of each label: not the tones
+    r = subprocess.run([BIN/"slmops", "finetune", "--train", intents_csv, "--out", tmp_path/"x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing column(s) ['phrase', 'tone']" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_torchrun_two_processes_one_ddp_run(tmp_path):

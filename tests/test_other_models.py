@@ -1,0 +1,72 @@
+"""A model of another architecture and chat format (Qwen2, ChatML) through the whole path: stop tokens, conversion, serving."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from transformers import GenerationConfig
+
+from slmops_nb.core import SlmopsError, read_json
+from slmops_nb.data import tone_split
+from slmops_nb.deploy import GenAIModel, build_direct
+from slmops_nb.finetune import chat_examples, finetune
+from slmops_nb.serve import ServerProcess
+from slmops_nb.workbench import load_model, load_tokenizer, logit_gap, next_token_logits, save_model, stop_token_ids
+
+SLMOPS = str(Path(sys.executable).parent/"slmops")
+
+
+@pytest.fixture(scope="module")
+def chatml_deployed(qwen_dir, tmp_path_factory):
+    "The tiny ChatML model taught to answer a tone and end its turn, saved with save_model and converted to fp32."
+    tmp = tmp_path_factory.mktemp("chatml")
+    tok = load_tokenizer(qwen_dir)
+    ex = chat_examples(tok, tone_split("train")[:96], "phrase", "tone")
+    res = finetune("full", qwen_dir, tok, ex, ex[:16], tmp/"ft", epochs=12, lr=3e-3, batch_size=16)
+    save_model(res["model"], tok, tmp/"merged")
+    return {"merged": tmp/"merged", "ort": build_direct(tmp/"merged", tmp/"ort_fp32", "fp32"), "tok": tok}
+
+
+def test_stop_token_is_the_chat_templates_end_of_turn(qwen_dir, chatml_deployed):
+    tok = load_tokenizer(qwen_dir)
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 2) and stop_token_ids(tok) == [2]  # <|im_end|>, never the pad token
+    assert GenerationConfig.from_pretrained(chatml_deployed["merged"]).eos_token_id == [2]
+    assert read_json(chatml_deployed["ort"]/"genai_config.json")["model"]["eos_token_id"] in (2, [2])
+
+
+def test_converted_chatml_model_stops_in_process_and_served(chatml_deployed):
+    genai, phrases = GenAIModel(chatml_deployed["ort"]), [r["phrase"] for r in tone_split("test")[:6]]
+    for p in phrases:
+        ids = genai.prompt_ids([{"role": "user", "content": p}])
+        tokens = list(genai.stream(ids, 32))
+        assert 0 < len(tokens) < 32 and "\n\n" not in "".join(tokens), tokens  # it ends its turn, no run of newlines
+    with ServerProcess(chatml_deployed["ort"]) as server:
+        client = OpenAI(base_url=server.base_url, api_key="unused")
+        r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=32,
+                                           messages=[{"role": "user", "content": phrases[0]}])
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 32, r
+
+
+def test_conversion_is_checked_on_logits_not_on_near_tie_answers(qwen_dir, chatml_deployed):
+    "fp32 export of a barely trained ChatML model: its logits match PyTorch's; the logits of another model do not."
+    genai, tok = GenAIModel(chatml_deployed["ort"]), chatml_deployed["tok"]
+    prompts = [r["phrase"] for r in tone_split("test")[:24]]
+    exported = genai.next_token_logits(prompts)
+    gap = logit_gap(next_token_logits(load_model(chatml_deployed["merged"]), tok, prompts), exported, "the fp32 export")
+    assert gap["relative"] <= gap["tolerance"]
+    with pytest.raises(SlmopsError, match="the fp32 export computes other logits than its reference.*expected at most 1e-03"):
+        logit_gap(next_token_logits(load_model(qwen_dir), tok, prompts), exported, "the fp32 export")  # the untrained base
+
+
+def test_slmops_export_then_serve_refuses_and_explains(qwen_dir, tmp_path):
+    r = subprocess.run([SLMOPS, "serve", tmp_path/"no-such-folder"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([SLMOPS, "serve", qwen_dir], capture_output=True, text=True)
+    assert r.returncode == 2 and f"is a Hugging Face model folder, not an ONNX Runtime GenAI model folder" in r.stderr, r.stderr
+    assert f"slmops export {qwen_dir} OUT_FOLDER --precision int4" in r.stderr
+    out = tmp_path/"qwen-int4"
+    r = subprocess.run([SLMOPS, "export", qwen_dir, out, "--precision", "int4", "--tool", "builder"], capture_output=True, text=True)
+    assert r.returncode == 0 and f"serve it: slmops serve {out}" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert GenAIModel(out).chat([{"role": "user", "content": "hi"}], 4) is not None
