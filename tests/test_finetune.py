@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import DataError, Task, tone_split, write_jsonl

@@ -1,5 +1,4 @@
 """A model of another architecture and chat format (Qwen2, ChatML) through the whole path: stop tokens, conversion, serving."""
-import json
 import subprocess
 import sys
 from pathlib import Path
