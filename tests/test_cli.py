@@ -170,3 +170,16 @@ def test_chapter02_distills_into_a_student_of_another_vocabulary_by_methods(tmp_
     assert metrics["best_student"] in ("gold_only", "seq_kd") and (out/"02_distillation"/"student"/"config.json").exists()
     r = slmops("run", "02", "-p", "methods=['gold_only', 'kd']", "--out", tmp_path/"bad", "--no-progress", "--profile", "smoke")
     assert r.returncode == 2 and "methods must be some of ['gold_only', 'seq_kd', 'logit_kd'], got ['gold_only', 'kd']" in r.stderr
+
+
+def test_chapters_03_and_04_on_your_own_data(tmp_path, intents_csv):
+    "One labeled CSV of other columns: chapter 03 fine-tunes on it (splits carved from it) and chapter 04 scores on its test split."
+    out = tmp_path/"run"
+    r = slmops("run", "03", "04", "--profile", "smoke", "-p", f"train_file={intents_csv}", "-p", "input_column=utterance",
+               "-p", "label_column=intent", "-p", "methods=['lora']", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    labels = ["book_flight", "book_hotel", "play_music", "set_alarm"]
+    ft, dep = (json.loads((out/ch/"metrics.json").read_text()) for ch in ("03_finetuning", "04_deployment"))
+    assert ft["labels"] == labels and ft["task"]["train_file"] == str(intents_csv) and ft["task"]["examples"]["test"] == 16
+    assert dep["task"] == ft["task"] and any("every label" in k for k in dep["checklist"])
+    assert dep["conversion"]["fp32_logit_gap"] <= 1e-3
