@@ -24,11 +24,11 @@ from .data import (DATA_DIR, SENTIMENT, TONES, WORKBENCH_FILES, chat_messages, c
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'WORKBENCH_PREFIX', 'MODEL_SPECS',
            'STUDENT_ARCH', 'CHATML_TEMPLATE', 'TINY_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus',
-           'tokenizer_spec', 'build_tokenizer', 'resolve_model', 'load_tokenizer', 'load_model', 'encode_texts',
-           'encode_chats', 'PadCollator', 'EpochLogger', 'training_defaults', 'run_trainer', 'train_causal_lm',
-           'end_of_turn_id', 'stop_token_ids', 'generate', 'normalize_label', 'classify', 'accuracy', 'label_scores',
-           'size_and_latency', 'next_token_logits', 'logit_gap', 'model_spec', 'new_model', 'save_model',
-           'workbench_path', 'build_workbench', 'benchmark_workbench', 'tiny_model']
+           'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'resolve_model', 'load_tokenizer', 'load_model',
+           'encode_texts', 'encode_chats', 'PadCollator', 'EpochLogger', 'training_defaults', 'run_trainer',
+           'train_causal_lm', 'end_of_turn_id', 'stop_token_ids', 'generate', 'normalize_label', 'classify', 'accuracy',
+           'label_scores', 'size_and_latency', 'next_token_logits', 'logit_gap', 'model_spec', 'new_model',
+           'save_model', 'workbench_path', 'build_workbench', 'benchmark_workbench', 'tiny_model']
 
 # %% ../nbs/00b_workbench.ipynb #c006
 hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would flood notebook outputs
@@ -60,15 +60,18 @@ def tokenizer_corpus() -> list[str]:
     return (pretraining_texts() + [_render_chat(r["phrase"], r["tone"]) for r in tone_split("train")]
             + [_render_chat(r["question"], r["answer"]) for r in instruction_split("train")])
 
-def _build_tokenizer(out: Path, spec: dict):
+def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2):
+    "A byte-level BPE tokenizer (`tokenizers`) trained on `texts`; the special tokens take the first ids."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec["vocab_size"], min_frequency=spec["min_frequency"],
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+def _build_tokenizer(out: Path, spec: dict):
+    tok = train_bpe(tokenizer_corpus(), spec["vocab_size"], SPECIAL_TOKENS, spec["min_frequency"])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|end|>",
                                  pad_token="<|pad|>", chat_template=CHAT_TEMPLATE, padding_side="left",
                                  model_max_length=256)
@@ -363,11 +366,7 @@ TINY_ARCH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
 
 def tiny_model(out, model_type: str = "qwen2", vocab_size: int = 512, seed: int = 0, **arch) -> Path:
     "Save a random-initialised `model_type` causal LM with a ChatML BPE tokenizer into `out` (a hub model's shape, offline)."
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(tokenizer_corpus()[:3000], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = train_bpe(tokenizer_corpus()[:3000], vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   chat_template=CHATML_TEMPLATE, model_max_length=256)
     seed_everything(seed)
