@@ -11,6 +11,14 @@ licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache S
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
 lic = licenses[cfg["license"]]
 
+def requirements(key: str) -> list[str]:
+    "The requirement lines of a settings.ini key (comment lines skipped)."
+    return [r.strip() for r in cfg.get(key, "").splitlines() if r.strip() and not r.strip().startswith("#")]
+
+extras = {name: requirements(f"{name}_requirements") for name in ("olive", "deploy", "serve", "workbook")}
+extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
+extras["dev"] = extras["all"] + requirements("dev_requirements")  # the README's commands install this one: everything
+
 setuptools.setup(
     name=cfg["lib_name"],
     version=cfg["version"],
@@ -33,8 +41,8 @@ setuptools.setup(
     package_data={cfg["lib_name"]: ["data/*.jsonl"]},
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
-    install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split()},
+    install_requires=requirements("requirements"),
+    extras_require=extras,
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d'],

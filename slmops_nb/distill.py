@@ -5,53 +5,26 @@
 # %% ../nbs/02_distillation.ipynb #300d60cc
 from __future__ import annotations
 
-import itertools
-import math
 from pathlib import Path
 
-from .core import SlmopsError, Timer, latency_stats, model_size, seed_everything  # first: it quiets tqdm
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from tqdm.auto import tqdm
-from .data import TONES, chat_messages, chat_text, write_jsonl
-from .workbench import (STUDENT_ARCH, WORKBENCH_PREFIX, classify, encode_chats, label_scores, load_model,
-                                 load_tokenizer, new_model, normalize_label, run_trainer, stop_token_ids,
-                                 train_causal_lm, training_defaults)
+from .core import SlmopsError, seed_everything
+from .data import TONES, chat_messages, write_jsonl
+from .evaluate import normalize_label
+from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model
+from .train import encode_chats, run_trainer, train_causal_lm, training_defaults
 
 # %% auto #0
-__all__ = ['DROP_REASONS', 'STUDENT', 'METHODS', 'teacher_answers', 'endpoint_answers', 'drop_reason', 'validate_answers',
-           'synthesize', 'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'train_student',
-           'evaluate_classifier', 'train_gkd']
-
-# %% ../nbs/02_distillation.ipynb #fe699b37
-@torch.no_grad()
-def teacher_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 64,
-                    progress: bool = True) -> list[dict]:
-    "The model's greedy answer to each prompt, with its probability and whether the turn ended (else: truncated)."
-    tokenizer.padding_side = "left"
-    stop = stop_token_ids(tokenizer)
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="teacher answers", disable=not progress, mininterval=10):
-        batch = prompts[i:i + batch_size]
-        enc = tokenizer([chat_text(tokenizer, p) for p in batch], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
-        logp = model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
-        new = gen.sequences[:, enc["input_ids"].shape[1]:].tolist()
-        for j, prompt in enumerate(batch):
-            end = next((k for k, t in enumerate(new[j]) if t in stop), None)
-            n = len(new[j]) if end is None else end
-            out.append({"prompt": prompt, "answer": tokenizer.decode(new[j][:n], skip_special_tokens=True).strip(),
-                        "finished": end is not None, "confidence": math.exp(logp[j, :n].sum().item()) if n else 0.0})
-    return out
+__all__ = ['DROP_REASONS', 'STUDENT', 'KD_METHODS', 'endpoint_answers', 'drop_reason', 'validate_answers', 'synthesize',
+           'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'train_student', 'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #74a664d1
 def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key: str = "", max_new_tokens: int = 8,
                      concurrency: int = 4) -> list[dict]:
-    "Greedy answers of an OpenAI-compatible chat endpoint, in `teacher_answers`' form (confidence 1, finished = stopped)."
+    "Greedy answers of an OpenAI-compatible chat endpoint, in `generate_answers`' form (confidence 1, finished = stopped)."
     from concurrent.futures import ThreadPoolExecutor
     from openai import OpenAI
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2)
@@ -153,13 +126,13 @@ class DistillTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
 # %% ../nbs/02_distillation.ipynb #9f54166e
-METHODS = ("gold_only", "seq_kd", "logit_kd")
+KD_METHODS = ("gold_only", "seq_kd", "logit_kd")
 
 def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None,
                   alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 32,
                   seed: int = 0, max_length: int = 96, input_key: str = "phrase", label_key: str = "tone", **training_args) -> dict:
-    "Train `student` on (input, label) records by `method` (one of METHODS) for `steps` optimizer steps."
-    if method not in METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {METHODS}.")
+    "Train `student` on (input, label) records by `method` (one of KD_METHODS) for `steps` optimizer steps."
+    if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
     if steps < 1: raise SlmopsError(f"steps must be at least 1, got {steps}.")
     examples = encode_chats(tokenizer, [(r[input_key], r[label_key]) for r in records], max_length)
     extra = {}
@@ -168,18 +141,6 @@ def train_student(method: str, student, tokenizer, records: list[dict], *, steps
         extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha, temperature=temperature))
     return train_causal_lm(student, tokenizer, examples, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            name=method, **extra, **training_args)
-
-# %% ../nbs/02_distillation.ipynb #b635944c
-def evaluate_classifier(model, tokenizer, records: list[dict], labels=TONES, repeats: int = 20, batch_size: int = 64,
-                        input_key: str = "phrase", label_key: str = "tone") -> dict:
-    "Accuracy, macro F1, size, single-request latency (p50/p95 ms) and batched throughput of a classifier."
-    inputs, gold = [r[input_key] for r in records], [r[label_key] for r in records]
-    with Timer() as t: pred = classify(model, tokenizer, inputs, labels, batch_size)
-    cycle = itertools.cycle(inputs)
-    lat = latency_stats(lambda: classify(model, tokenizer, [next(cycle)], labels), repeats=repeats)
-    size = model_size(model)
-    return {**label_scores(pred, gold, labels), "params": size["params"], "memory_bytes": size["total_bytes"], "latency_ms_p50": lat["p50_ms"],
-            "latency_ms_p95": lat["p95_ms"], "examples_per_second": len(inputs) / t.seconds}
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
 def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 32,

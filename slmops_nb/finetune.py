@@ -7,30 +7,26 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import warnings
 from pathlib import Path
 
-from .core import PeakMemory, SlmopsError, atomic_dir, read_json, write_json  # first: it quiets tqdm
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer
 
+from .core import SlmopsError, atomic_dir, read_json, write_json
 from .data import Task
-from .olive import olive_finetune
-from .workbench import (PadCollator, classify, encode_chats, label_scores, load_model, load_tokenizer, resolve_model,
-                                 train_causal_lm)
+from .measure import PeakMemory
+from .models import load_base, load_model, load_tokenizer
+from .tools import olive_finetune
+from .train import OverfittingWarning, chat_examples, train_causal_lm
 
 # %% auto #0
-__all__ = ['METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'load_base',
-           'peft_config', 'prepare_model', 'trainable_parameters', 'chat_examples', 'overfitting_points',
-           'OverfittingWarning', 'class_weights', 'weighted_examples', 'WeightedLossTrainer', 'finetune', 'answer_loss',
-           'evaluate_task', 'olive_training_args', 'olive_method', 'load_olive_method', 'suggest', 'random_search',
-           'load_adapters', 'generation_scores', 'finetune_main']
+__all__ = ['FINETUNE_METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'peft_config',
+           'prepare_model', 'trainable_parameters', 'finetune', 'olive_training_args', 'olive_method',
+           'load_olive_method', 'suggest', 'random_search', 'load_adapters', 'finetune_main']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
+FINETUNE_METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained here with PEFT
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
@@ -39,9 +35,9 @@ warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `T
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 def check_methods(methods) -> list[str]:
-    "The methods, checked against METHODS."
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown: raise SlmopsError(f"Unknown fine-tuning method(s) {unknown}: use some of {', '.join(METHODS)}.")
+    "The methods, checked against FINETUNE_METHODS."
+    unknown = [m for m in methods if m not in FINETUNE_METHODS]
+    if unknown: raise SlmopsError(f"Unknown fine-tuning method(s) {unknown}: use some of {', '.join(FINETUNE_METHODS)}.")
     return list(methods)
 
 def check_lora(r: int, alpha: float, dropout: float = 0.0):
@@ -49,17 +45,6 @@ def check_lora(r: int, alpha: float, dropout: float = 0.0):
     if not (isinstance(r, int) and r >= 1): raise SlmopsError(f"LoRA rank must be an integer of at least 1, got {r!r} (try 8).")
     if alpha <= 0: raise SlmopsError(f"LoRA alpha must be positive, got {alpha!r} (the update is scaled by alpha / rank; try 2 x rank).")
     if not 0 <= dropout < 1: raise SlmopsError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
-
-def load_base(base, quantize_4bit: bool = False):
-    "The base model in fp32, or quantized to 4-bit NF4 with bitsandbytes (QLoRA; it runs on CPU too)."
-    if not quantize_4bit: return load_model(base)
-    from peft import prepare_model_for_kbit_training
-    cuda = torch.cuda.is_available()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(base), quantization_config=bnb,
-                                                 device_map="cuda" if cuda else "cpu", dtype=torch.float32)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
     "The PEFT config of an adapter method (IA³ uses PEFT's default layers for the architecture)."
@@ -81,74 +66,20 @@ def trainable_parameters(model) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"): return model.get_nb_trainable_parameters()
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/03_finetuning.ipynb #b79781ef
-def chat_examples(tokenizer, records: list[dict], input_column: str, label_column: str, max_length: int = 64) -> list[dict]:
-    "Tokenized chats, loss on the answer only."
-    return encode_chats(tokenizer, [(r[input_column], str(r[label_column])) for r in records], max_length)
-
-# %% ../nbs/03_finetuning.ipynb #d40e6366
-def overfitting_points(log_history: list[dict]) -> list[dict]:
-    "Evaluations where the validation loss rose while the mean training loss since the last evaluation fell."
-    points, prev_eval, prev_train, window = [], None, None, []
-    for h in log_history:
-        if "loss" in h: window.append(h["loss"])
-        if "eval_loss" not in h: continue
-        train = sum(window) / len(window) if window else prev_train
-        if prev_eval is not None and prev_train is not None and h["eval_loss"] > prev_eval and train < prev_train:
-            points.append({"step": h["step"], "eval_loss": (prev_eval, h["eval_loss"]), "train_loss": (prev_train, train)})
-        prev_eval, prev_train, window = h["eval_loss"], train, []
-    return points
-
-class OverfittingWarning(TrainerCallback):
-    "Warn (once per evaluation) when validation loss rises while training loss falls."
-    def __init__(self, name: str = "train"): self.name, self.seen = name, 0
-    def on_evaluate(self, args, state, control, **kw):
-        points = overfitting_points(state.log_history)
-        for p in points[self.seen:]:
-            warnings.warn(f"{self.name}: overfitting at step {p['step']}: validation loss rose {p['eval_loss'][0]:.3f} -> "
-                          f"{p['eval_loss'][1]:.3f} while training loss fell {p['train_loss'][0]:.3f} -> {p['train_loss'][1]:.3f}. "
-                          "Early stopping keeps the best checkpoint; fewer epochs or a lower learning rate avoid it.")
-        self.seen = len(points)
-
-# %% ../nbs/03_finetuning.ipynb #9627432e
-def class_weights(labels: list[str]) -> dict[str, float]:
-    "Inverse-frequency weight per label, mean 1 over the examples' classes (n / (k * count))."
-    counts = {l: labels.count(l) for l in sorted(set(labels))}
-    return {l: len(labels) / (len(counts) * c) for l, c in counts.items()}
-
-def weighted_examples(examples: list[dict], records: list[dict], label_column: str, weights: dict[str, float]) -> list[dict]:
-    "Each encoded example with its label's weight as `weight` (what `WeightedLossTrainer` reads)."
-    return [{**e, "weight": weights[str(r[label_column])]} for e, r in zip(examples, records, strict=True)]
-
-class WeightedLossTrainer(Trainer):
-    "A Trainer whose loss weighs each example's answer tokens by its `weight` (class weights), with optional label smoothing."
-    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.label_smoothing = label_smoothing
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, weight = inputs["labels"][:, 1:], inputs.get("weight")
-        outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "weight")})
-        logits = outputs.logits[:, :-1].float()
-        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                    label_smoothing=self.label_smoothing, reduction="none").view_as(labels)
-        w = (labels != -100).float() * (1.0 if weight is None else weight.to(logits.device).float()[:, None])
-        loss = (per_token * w).sum() / w.sum().clamp_min(1e-8)
-        return (loss, outputs) if return_outputs else loss
-
 # %% ../nbs/03_finetuning.ipynb #a87f999a
-def finetune(method: str, base, tokenizer, train: list[dict], eval: list[dict], out, *, epochs: float = 1,
+def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict], out, *, epochs: float = 1,
              max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1, r: int = 8,
              alpha: float = 32, dropout: float = 0.05, target_modules=None, patience: int = 1, seed: int = 0,
              trainer_cls=Trainer, trainer_kwargs: dict | None = None) -> dict:
     "Train `method` on `base`: checkpoints, TensorBoard logs, early stopping; the adapter (or model) saved in `out`/model."
-    if not train or not eval: raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(eval)}).")
+    if not train or not valid: raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
     out = Path(out)
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
         model = prepare_model(method, base, r, alpha, dropout, target_modules)
         when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(1, max_steps // 4))
                 if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
-        res = train_causal_lm(model, tokenizer, train, eval=eval, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                               output_dir=out/"checkpoints", name=method, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
                               callbacks=[EarlyStoppingCallback(patience), OverfittingWarning(method)],
                               max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum, save_total_limit=1,
@@ -165,28 +96,6 @@ def finetune(method: str, base, tokenizer, train: list[dict], eval: list[dict], 
             "peak_memory_mb": mem.delta_mb, "train_seconds": res["train_seconds"], "log_history": res["log_history"],
             "steps": state.global_step, "best_eval_loss": state.best_metric,
             "stopped_early": state.global_step < state.max_steps}
-
-# %% ../nbs/03_finetuning.ipynb #71caf8c5
-@torch.no_grad()
-def answer_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
-    "Mean cross-entropy of the answer tokens of `examples` (the labels that are not -100)."
-    model.eval()
-    collate, total, count = PadCollator(tokenizer.pad_token_id), 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        target = b["labels"][:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
-    return total / max(count, 1)
-
-def evaluate_task(model, tokenizer, records: list[dict], examples: list[dict], input_column: str, label_column: str,
-                  labels: list[str]) -> dict:
-    "Accuracy and macro F1 (scikit-learn) of the model's answers, and perplexity of the reference answers."
-    gold = [str(r[label_column]) for r in records]
-    pred = classify(model, tokenizer, [r[input_column] for r in records], labels=labels)
-    return {**label_scores(pred, gold, labels), "perplexity": math.exp(answer_loss(model, tokenizer, examples)), "predictions": pred}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
 def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
@@ -241,14 +150,6 @@ def load_adapters(base, adapters: dict):
     for name, p in rest: model.load_adapter(p, adapter_name=name)
     model.eval()
     return model
-
-def generation_scores(predictions: list[str], references: list[str]) -> dict:
-    "Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score) of `predictions` against `references`."
-    import sacrebleu
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score, "rougeL": sum(rouge) / max(len(rouge), 1)}
 
 # %% ../nbs/03_finetuning.ipynb #3d9e84a4
 def finetune_main(argv=None) -> int:

@@ -40,5 +40,5 @@ def intents_csv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory) -> Path:
     "A tiny random-initialised Qwen2 folder with a ChatML tokenizer (pad <|endoftext|> = 0, eos <|im_end|> = 2)."
-    from slmops_nb.workbench import tiny_model
+    from slmops_nb.models import tiny_model
     return tiny_model(tmp_path_factory.mktemp("models")/"qwen2-chatml")

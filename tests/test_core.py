@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import json
 import multiprocessing as mp
 import time
@@ -6,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from slmops_nb.core import (PeakMemory, SlmopsError, atomic_dir, atomic_write_text, by_profile, cached_artifact,
-                            chapter_dir, content_hash, env_report, latency_stats, model_size, new_run_dir,
-                            seed_everything, write_metrics)
+from slmops_nb.measure import PeakMemory, latency_stats, model_size
+from slmops_nb.core import (SlmopsError, atomic_dir, atomic_write_text, by_profile, cached_artifact, chapter_dir, content_hash, env_report,
+    new_run_dir, seed_everything, write_metrics)
 
 
 def test_atomic_write_keeps_old_file_when_write_fails(tmp_path):
@@ -101,3 +103,16 @@ def test_seed_and_env():
     env = env_report()
     assert env["cores_logical"] >= 1 and env["packages"]["transformers"] and isinstance(env["gpus"], list)
     json.dumps(env)
+
+
+def test_the_toolkit_needs_only_the_core_requirements():
+    "Importing the package and its toolkit modules loads no package of an extra (olive, deploy, serve, workbook)."
+    # (not bitsandbytes: PEFT imports it whenever it is installed, and works without it)
+    extras = ["olive", "onnxruntime", "onnxruntime_genai", "foundry_local_sdk", "fastapi", "uvicorn", "openai", "papermill",
+              "nbdev", "jupyterlab", "matplotlib", "optuna", "tensorboard"]
+    code = ("import sys, slmops_nb, slmops_nb.core, slmops_nb.measure, slmops_nb.data, slmops_nb.datagen, slmops_nb.models, "
+            "slmops_nb.train, slmops_nb.evaluate, slmops_nb.runtimes, slmops_nb.tools\n"
+            f"print(sorted(m for m in {extras!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout

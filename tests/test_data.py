@@ -7,9 +7,9 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 
-from slmops_nb.data import (DATA_DIR, SPLIT_FRACTIONS, TONE_TEMPLATE, TONES, WORKBENCH_FILES, DataError,
-                            Task, generate_workbench_data, instruction_split, load_records, render_template,
-                            stratified_split, tone_split, workbench_records)
+from slmops_nb.data import (DATA_DIR, SPLIT_FRACTIONS, TONE_TEMPLATE, TONES, WORKBENCH_FILES, DataError, Task, instruction_split, load_records,
+    render_template, stratified_split, tone_split, workbench_records)
+from slmops_nb.datagen import generate_workbench_data
 
 
 def test_shipped_data_is_rebuilt_byte_identically(tmp_path):

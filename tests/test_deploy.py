@@ -10,11 +10,11 @@ from openai import OpenAI
 
 from slmops_nb.core import SlmopsError, read_json, write_json
 from slmops_nb.data import Task, tone_split
-from slmops_nb.deploy import (FoundryLocal, GenAIModel, build_direct, builder_config, finetuned_models, foundry_model_folder,
-                              olive_build, olive_int8)
+from slmops_nb.export import (build_direct, builder_config, finetuned_models, olive_build, olive_int8)
+from slmops_nb.runtimes import FoundryLocal, GenAIModel, foundry_model_folder
 from slmops_nb.distill import endpoint_answers, synthesize
 from slmops_nb.serve import RequestError, ServerProcess, load_test, parse_chat_request
-from slmops_nb.workbench import resolve_model
+from slmops_nb.models import resolve_model
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")  # the console script of this environment
 SENTIMENTS = ["negative", "neutral", "positive"]  # what workbench:base answers
@@ -134,14 +134,14 @@ def test_slmops_bench_writes_bench_json(genai_dir, tmp_path):
                 "peak_memory_mb", "accuracy"} <= set(bench[name]) and bench[name]["tokens_per_second"] > 0
         assert bench[name]["tokens_per_request"] == 8
     bad = subprocess.run([SLMOPS, "bench", "x=onnx:/nowhere"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Unknown variant kind" in bad.stderr
+    assert bad.returncode == 2 and "Unknown runtime" in bad.stderr
 
 
 def test_olive_model_builder_failure_is_a_clear_error(tmp_path):
     "The ModelBuilder cannot make int8 on CPU: Olive exits 0 without a model; run_olive names the missing files, keeps nothing."
-    from slmops_nb.deploy import GENAI_FILES
-    from slmops_nb.olive import OliveError, run_olive
-    with pytest.raises(OliveError, match="did not write"):
+    from slmops_nb.runtimes import GENAI_FILES
+    from slmops_nb.tools import ToolError, run_olive
+    with pytest.raises(ToolError, match="did not write"):
         run_olive(["auto-opt", "-m", resolve_model("workbench:base"), "--use_model_builder", "--precision", "int8",
                    "--device", "cpu", "--provider", "CPUExecutionProvider"], tmp_path/"int8", GENAI_FILES)
     assert not (tmp_path/"int8").exists() and (tmp_path/"int8.olive.log").exists()

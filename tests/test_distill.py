@@ -4,8 +4,10 @@ import torch
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import load_records, tone_split
 from slmops_nb.distill import (STUDENT, check_same_vocabulary, kd_loss, make_student, synthesize,
-                               teacher_answers, train_gkd, train_student, validate_answers)
-from slmops_nb.workbench import PadCollator, encode_chats, load_tokenizer
+                               train_gkd, train_student, validate_answers)
+from slmops_nb.evaluate import generate_answers
+from slmops_nb.train import PadCollator, encode_chats
+from slmops_nb.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_untrained_teacher_answers_are_validated_and_saved(tmp_path, tok):
     "A real model that knows nothing: its answers are not labels, or cut off, and are dropped with a reason."
     model, _ = make_student(STUDENT, tok, seed=0)
     prompts = [r["phrase"] for r in tone_split("test")[:12]]
-    answers = teacher_answers(model, tok, prompts, max_new_tokens=3, progress=False)
+    answers = generate_answers(model, tok, prompts, max_new_tokens=3, scores=True)
     assert [a["prompt"] for a in answers] == prompts and all(0 <= a["confidence"] <= 1 for a in answers)
     kept, dropped = validate_answers(answers)
     assert not kept and sum(dropped.values()) == len(prompts) and dropped["low_confidence"] == 0

@@ -9,9 +9,10 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import DataError, Task, tone_split, write_jsonl
-from slmops_nb.finetune import (WeightedLossTrainer, chat_examples, check_lora, check_methods, class_weights, finetune,
-                                overfitting_points, prepare_model, trainable_parameters, weighted_examples)
-from slmops_nb.workbench import PadCollator, encode_chats, load_tokenizer, training_defaults
+from slmops_nb.train import WeightedLossTrainer, chat_examples, class_weights, overfitting_points, weighted_examples
+from slmops_nb.finetune import check_lora, check_methods, finetune, prepare_model, trainable_parameters
+from slmops_nb.train import PadCollator, encode_chats, training_defaults
+from slmops_nb.models import load_tokenizer
 
 BIN = Path(sys.executable).parent
 

@@ -4,8 +4,8 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import tone_split, write_jsonl
-from slmops_nb.olive import OliveError, finetune_workflow, olive_finetune, run_olive
-from slmops_nb.workbench import resolve_model
+from slmops_nb.tools import ToolError, finetune_workflow, olive_finetune, run_olive
+from slmops_nb.models import resolve_model
 
 TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>\n"
 
@@ -52,11 +52,11 @@ def test_olive_exit_0_without_output_is_an_error_and_keeps_earlier_output(tmp_pa
     out = tmp_path/"lora"; out.mkdir(); (out/"earlier.txt").write_text("earlier adapter")
     args = ["finetune", "-m", resolve_model("workbench:base"), "-d", "json", "--data_files", data, "--train_split", "train",
             "--text_template", TEMPLATE, "--dry_run"]
-    with pytest.raises(OliveError, match=r"olive finetune exited 0 but did not write \['adapter/adapter_config.json'\]") as e:
+    with pytest.raises(ToolError, match=r"olive finetune exited 0 but did not write \['adapter/adapter_config.json'\]") as e:
         run_olive(args, out, ["adapter/adapter_config.json"])
     assert str(tmp_path/"lora.olive.log") in str(e.value) and "last lines of the log" in str(e.value)
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
     args[2] = tmp_path/"no-model"
-    with pytest.raises(OliveError, match="(?s)olive finetune exited with code 1.*Repo id must be in the form"):
+    with pytest.raises(ToolError, match="(?s)olive finetune exited with code 1.*Repo id must be in the form"):
         run_olive(args, out, [])
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]

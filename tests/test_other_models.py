@@ -9,10 +9,13 @@ from transformers import GenerationConfig
 
 from slmops_nb.core import SlmopsError, read_json
 from slmops_nb.data import tone_split
-from slmops_nb.deploy import GenAIModel, build_direct
-from slmops_nb.finetune import chat_examples, finetune
+from slmops_nb.export import build_direct
+from slmops_nb.runtimes import GenAIModel
+from slmops_nb.train import chat_examples
+from slmops_nb.finetune import finetune
 from slmops_nb.serve import ServerProcess
-from slmops_nb.workbench import load_model, load_tokenizer, logit_gap, next_token_logits, save_model, stop_token_ids
+from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids
+from slmops_nb.evaluate import logit_gap, next_token_logits
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slmops_nb import workbench as wb
+from slmops_nb import models as wb
+from slmops_nb.evaluate import accuracy, classify, generate
+from slmops_nb.measure import model_size
+from slmops_nb.train import encode_chats
 from slmops_nb.core import SlmopsError, artifact_info
 from slmops_nb.data import TONES, tone_split
 
@@ -50,7 +53,7 @@ def test_tokenizer_chat_template_and_single_token_labels(tiny):
     assert all(len(tok.tokenize("\n" + t)) == 2 for t in TONES)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|user|>\nHi<|end|>\n<|assistant|>\n"
-    enc = wb.encode_chats(tok, [("Hi there", "joy")])[0]
+    enc = encode_chats(tok, [("Hi there", "joy")])[0]
     learned = [i for i, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
     assert tok.decode(learned) == "joy<|end|>\n"
 
@@ -72,7 +75,7 @@ def test_local_folder_works_like_a_name(tiny, tmp_path):
     src = wb.workbench_path("tiny")
     copy = shutil.copytree(src, tmp_path/"my-model")
     m, tok = wb.load_model(copy), wb.load_tokenizer(copy)
-    out = wb.generate(m, tok, ["Hello"], max_new_tokens=3)
+    out = generate(m, tok, ["Hello"], max_new_tokens=3)
     assert len(out) == 1 and isinstance(out[0], str)
 
 
@@ -81,16 +84,16 @@ def test_real_teacher_reaches_its_goal():
     teacher, tok = wb.load_model("workbench:teacher"), wb.load_tokenizer("workbench:teacher")
     base = wb.load_model("workbench:base")
     test = tone_split("test")
-    acc = wb.accuracy(wb.classify(teacher, tok, [r["phrase"] for r in test]), [r["tone"] for r in test])
+    acc = accuracy(classify(teacher, tok, [r["phrase"] for r in test]), [r["tone"] for r in test])
     assert acc >= 0.90, acc
-    assert wb.model_size(teacher)["params"] > wb.model_size(base)["params"]
+    assert model_size(teacher)["params"] > model_size(base)["params"]
 
 
 def test_workbench_command_writes_json(tmp_path):
     "slmops workbench (from the cache) reports timings and the teacher's accuracy as JSON."
     from slmops_nb.cli import main
-    assert main(["workbench", "--json", str(tmp_path/"wb.json")]) == 0
-    res = json.loads((tmp_path/"wb.json").read_text())
+    assert main(["workbench", "--json", str(tmp_path/"json")]) == 0
+    res = json.loads((tmp_path/"json").read_text())
     assert res["fresh"] is False and res["teacher_test_accuracy"] >= 0.90
     assert set(res["artifact_build_seconds"]) == {"tokenizer", "base", "teacher"}
 
