@@ -312,6 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY "
                    "(default: $SLMOPS_API_KEY, else no key)")
     s.add_argument("--model-id", help="the model's name in the API (default: the folder's name)")
+    s.add_argument("--runtime", choices=["genai", "pytorch"], default="genai", help="genai: an exported folder (default); "
+                   "pytorch: a Hugging Face folder, unconverted")
     sub.add_parser("bench", add_help=False, help="benchmark model variants side by side; slmops bench --help lists its options")
     sub.add_parser("export", add_help=False, help="convert a Hugging Face model folder to ONNX Runtime GenAI; slmops export --help")
     return ap
@@ -333,7 +335,7 @@ def main(argv=None) -> int:
             return export_main(rest)
         if args.command == "serve":
             from slmops_nb.serve import serve
-            serve(args.model_dir, args.host, args.port, args.api_key, args.model_id)
+            serve(args.model_dir, args.host, args.port, args.api_key, args.model_id, args.runtime)
             return 0
         if args.command == "list":
             nbs = notebooks_dir(args.nbs)

@@ -141,8 +141,8 @@ def _sse(model, messages: list[dict], max_tokens: int, cid: str, created: int, m
 
 # %% ../nbs/00i_serve.ipynb #c016
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_id: str | None = None,
-          runtime: str = "auto"):
-    "Serve a model folder (an exported GenAI folder, or a Hugging Face one on PyTorch) on http://HOST:PORT/v1 until interrupted."
+          runtime: str = "genai"):
+    "Serve a model folder on http://HOST:PORT/v1 until interrupted: an exported GenAI folder, or with `runtime='pytorch'` a Hugging Face one."
     import uvicorn
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"slmops serve: listening on {host} without an API key: anyone who can reach it can use it.", file=sys.stderr)
