@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from .core import (PROFILES, SlmopsError, check_profile, env_report, new_run_dir, read_json, to_jsonable, write_json, atomic_write_text)
+from .core import (PROFILES, SlmopsError, check_profile, env_report, new_run_dir, quiet, read_json, to_jsonable, write_json, atomic_write_text)
 from .measure import Timer
 from .data import TASK_FIELDS, Task
 
@@ -321,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Entry point of the `slmops` command."
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet()  # no loading bars or ipywidgets warnings in a terminal
     args, rest = _parser().parse_known_args(argv)
     if rest and args.command not in ("finetune", "bench", "export"): _parser().parse_args(argv)  # the usual error for unknown arguments
     try:
