@@ -268,8 +268,12 @@ def env_report() -> dict:
 
 # %% ../nbs/00_core.ipynb #c054
 def quiet():
-    "Silence library noise a workbook reader does not need: tqdm's ipywidgets warning, Hugging Face's loading bars."
+    "Silence library noise a workbook reader does not need: tqdm's ipywidgets warning, PEFT's save warnings, Hugging Face's loading bars."
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets: plain progress lines instead
+    # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would flood notebook outputs

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import warnings
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, Trainer
@@ -29,10 +28,6 @@ __all__ = ['FINETUNE_METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE'
 FINETUNE_METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained here with PEFT
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-# LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
-warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
-# PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 def check_methods(methods) -> list[str]:
     "The methods, checked against FINETUNE_METHODS."

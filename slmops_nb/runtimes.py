@@ -27,8 +27,13 @@ class ChatModel:
     "A chat model: `name`, `context_length`, `prompt_ids(messages)` and `stream(ids, ...)`; the rest is built on them."
     name: str = "model"
     context_length: int = 0
+    chat_tokenizer = None  # a Hugging Face tokenizer: its chat template renders the prompt
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]: raise NotImplementedError
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        "Token ids of `messages` rendered by the chat template, ready for the answer."
+        if self.chat_tokenizer is None: raise SlmopsError(f"{self.name}: no model loaded, so no chat template to render.")
+        return list(self.chat_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, **kw): raise NotImplementedError
 
     def chat_stream(self, messages: list[dict], max_new_tokens: int = 32, ignore_eos: bool = False, **kw):
@@ -49,11 +54,8 @@ class TorchModel(ChatModel):
     def __init__(self, folder, name: str = "pytorch_fp32"):
         self.folder, self.name = folder, name
         self.model, self.tokenizer = load_model(folder).eval(), load_tokenizer(folder)
+        self.chat_tokenizer = self.tokenizer
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        "Token ids of `messages` rendered by the chat template, ready for the answer."
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False):
         "Yield the answer's text token by token while `generate` runs in a thread."
@@ -208,7 +210,7 @@ class FoundryLocal(ChatModel):
                                                          model_cache_dir=str(home/"models"), logs_dir=str(home/"logs")))
         self.manager = FoundryLocalManager.instance
         self.catalog = self.manager.get_catalog(CatalogType.LOCAL)
-        self.model = self.throughput_model = self.chat_tokenizer = None
+        self.model = self.throughput_model = None
 
     def _register(self, folder, model_id: str):
         from foundry_local_sdk import ModelInfoBuilder
@@ -224,14 +226,9 @@ class FoundryLocal(ChatModel):
         "Register a Foundry Local model folder as `name:version` (chat-completion) and load it; also its throughput copy."
         self.model = self._register(folder, model_id)
         self.name, self.context_length = model_id, read_json(Path(folder)/"genai_config.json")["model"]["context_length"]
-        self.chat_tokenizer = AutoTokenizer.from_pretrained(str(folder))  # counts a prompt's tokens, as the server needs
+        self.chat_tokenizer = AutoTokenizer.from_pretrained(str(folder))  # Foundry renders the chat itself; the ids count the prompt
         if throughput_folder: self.throughput_model = self._register(throughput_folder, model_id.replace(":", "-throughput:"))
         return self.model
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        "Token ids of `messages` in the model's chat template (Foundry Local applies it itself; the ids count the prompt)."
-        if self.chat_tokenizer is None: raise SlmopsError("No model registered: call register(folder, 'name:1') first.")
-        return list(self.chat_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
     def chat_stream(self, messages: list[dict], max_new_tokens: int = 32, ignore_eos: bool = False):
         "Yield the answer's text as Foundry Local streams it (greedy; a fresh session per request, no history)."
