@@ -18,7 +18,7 @@ from .measure import Timer, dir_size
 from .models import load_tokenizer, resolve_model, save_model
 from .runtimes import GENAI_FILES, check_genai_folder
 from .tools import olive_run_config, run_olive, run_tool
-from .train import encode_chats
+from .train import chat_examples, encode_chats
 
 # %% auto #0
 __all__ = ['BLOCK_SIZES', 'finetuned_models', 'check_int4', 'olive_build', 'olive_int8', 'builder_config', 'build_direct',
@@ -36,7 +36,6 @@ def finetuned_models(chapter03, out, base="workbench:base", task: Task | None = 
             raise SlmopsError(f"Chapter 03 in {ch} fine-tuned on {made}, but this chapter was asked to use {task}: pass the "
                               "same data parameters to both chapters, or set model_dir to the model you mean.")
         return {**found, "task": made}
-    from slmops_nb.train import chat_examples
     from slmops_nb.finetune import finetune  # PEFT and the Trainer: imported only when training
     task, out, tok = task or Task(), Path(out), load_tokenizer(base)
     data = task.splits()
