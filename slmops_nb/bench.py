@@ -5,7 +5,6 @@
 # %% ../nbs/00j_bench.ipynb #c002
 from __future__ import annotations
 
-import argparse
 import gc
 import tempfile
 import time
@@ -21,7 +20,7 @@ from .models import build_workbench, load_model, load_tokenizer
 from .runtimes import RUNTIMES, load_runtime
 
 # %% auto #0
-__all__ = ['timed_request', 'bench_variant', 'run_bench', 'bench_main', 'benchmark_workbench']
+__all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -68,31 +67,24 @@ def run_bench(variants: dict, prompts: list[str], phrases: list[str], gold: list
     return results
 
 # %% ../nbs/00j_bench.ipynb #c013
-def bench_main(argv=None) -> int:
-    "`slmops bench`: benchmark model folders side by side and write bench.json."
-    ap = argparse.ArgumentParser(prog="slmops bench", description="Benchmark PyTorch, ONNX Runtime GenAI and Foundry Local "
-                                 "variants on the same prompts (load, time to first token, tokens/s, latency, memory, accuracy).")
-    ap.add_argument("variants", nargs="+", metavar="NAME=RUNTIME:FOLDER", help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR")
-    ap.add_argument("--out", default="bench.json", help="the JSON file to write")
-    ap.add_argument("--requests", type=int, default=20, help="timed requests per variant (shop questions)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--eval-limit", type=int, default=450, help="tone test phrases scored per variant")
-    ap.add_argument("--foundry-home", default=None, help="Foundry Local's app data folder (default: next to --out)")
-    a = ap.parse_args(argv)
-    variants = {}
-    for v in a.variants:
-        name, _, rest = v.partition("=")
-        kind, _, folder = rest.partition(":")
-        if not (name and kind and folder):
-            raise SlmopsError(f"{v!r}: write NAME=RUNTIME:FOLDER, RUNTIME one of {', '.join(RUNTIMES)}.")
-        variants[name] = (kind, folder)
-    test = tone_split("test")[:a.eval_limit]
-    prompts = [r["question"] for r in instruction_split("test")[:a.requests]]
-    home = a.foundry_home or str(Path(a.out).resolve().parent/"foundry-home")
-    run_bench(variants, prompts, [r["phrase"] for r in test], [r["tone"] for r in test], max_new_tokens=a.max_new_tokens,
-              foundry_home=home, out_json=a.out)
-    print(f"wrote {a.out}")
-    return 0
+def parse_variant(text: str) -> tuple[str, tuple[str, str]]:
+    "`NAME=RUNTIME:FOLDER` → (name, (runtime, folder)), the runtime checked before anything loads."
+    name, _, rest = text.partition("=")
+    kind, _, folder = rest.partition(":")
+    if not (name and kind and folder): raise SlmopsError(f"{text!r}: write NAME=RUNTIME:FOLDER, RUNTIME one of {', '.join(RUNTIMES)}.")
+    if kind not in RUNTIMES: raise SlmopsError(f"Unknown runtime {kind!r} in {text!r}: use one of {', '.join(RUNTIMES)}.")
+    return name, (kind, folder)
+
+# %% ../nbs/00j_bench.ipynb #c014b
+def bench_folders(variants: list[str], out_json="bench.json", requests: int = 20, max_new_tokens: int = 32,
+                  eval_limit: int = 450, foundry_home=None) -> dict:
+    "Benchmark `NAME=RUNTIME:FOLDER` variants on the built-in test data into `out_json`; Foundry Local's data goes next to it."
+    specs = dict(parse_variant(v) for v in variants)
+    test = tone_split("test")[:eval_limit]
+    prompts = [r["question"] for r in instruction_split("test")[:requests]]
+    home = foundry_home or Path(out_json).resolve().parent/"foundry-home"
+    return run_bench(specs, prompts, [r["phrase"] for r in test], [r["tone"] for r in test], max_new_tokens=max_new_tokens,
+                     foundry_home=home, out_json=out_json)
 
 # %% ../nbs/00j_bench.ipynb #c016
 def benchmark_workbench(fresh: bool = False) -> dict:

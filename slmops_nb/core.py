@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -268,12 +269,17 @@ def env_report() -> dict:
 
 # %% ../nbs/00_core.ipynb #c054
 def quiet():
-    "Silence library noise a workbook reader does not need: tqdm's ipywidgets warning, PEFT's save warnings, Hugging Face's loading bars."
+    "Silence library noise a workbook reader does not need: tqdm's ipywidgets warning, PEFT's save warnings, loading bars (call it first)."
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets: plain progress lines instead
     # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster 4-bit kernel from the hub when it is imported and warns
+    # that it cannot (always, offline); its own CPU kernel runs instead
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # the Trainer sorts its numbered checkpoints by number when file times look coarse, and says so once per process
+    logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would flood notebook outputs

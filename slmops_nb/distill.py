@@ -13,13 +13,19 @@ from transformers import Trainer
 
 from .core import SlmopsError, seed_everything
 from .data import TONES, chat_messages, write_jsonl
-from .evaluate import normalize_label
+from .evaluate import generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model
 from .train import encode_chats, run_trainer, train_causal_lm, training_defaults
 
 # %% auto #0
-__all__ = ['DROP_REASONS', 'STUDENT', 'KD_METHODS', 'endpoint_answers', 'drop_reason', 'validate_answers', 'synthesize',
-           'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'train_student', 'train_gkd']
+__all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'endpoint_answers', 'teacher_answers', 'drop_reason',
+           'validate_answers', 'synthesize', 'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer',
+           'train_student', 'train_students', 'distill_summary', 'train_gkd']
+
+# %% ../nbs/02_distillation.ipynb #f2a002
+DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
+                 "epochs": {"default": 2, "smoke": 2}, "eval_limit": {"default": 10**9, "smoke": 150},
+                 "latency_repeats": {"default": 40, "smoke": 10}}
 
 # %% ../nbs/02_distillation.ipynb #74a664d1
 def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key: str = "", max_new_tokens: int = 8,
@@ -37,6 +43,15 @@ def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key
                 "confidence": 1.0}
     with ThreadPoolExecutor(concurrency) as pool: return list(pool.map(ask, prompts))
 
+# %% ../nbs/02_distillation.ipynb #f2a011
+def teacher_answers(pool: list[str], teacher=None, tokenizer=None, url: str = "", url_model: str = "", api_key: str = "",
+                    max_new_tokens: int = 8, batch_size: int = 128, progress: bool = False) -> list[dict]:
+    "The teacher's answer to each input of `pool`: the local `teacher` (with probabilities), or the endpoint at `url`."
+    if url: return endpoint_answers(url, pool, url_model, api_key, max_new_tokens)
+    if teacher is None: raise SlmopsError("Stage 1 needs a teacher: a model and its tokenizer, or an endpoint url.")
+    return generate_answers(teacher, tokenizer, pool, max_new_tokens=max_new_tokens, batch_size=batch_size, scores=True,
+                            progress=progress)
+
 # %% ../nbs/02_distillation.ipynb #4807a8bd
 DROP_REASONS = ("empty", "truncated", "not_a_label", "low_confidence")
 
@@ -48,6 +63,7 @@ def drop_reason(answer: dict, labels=TONES, min_confidence: float = 0.0) -> str 
     if answer["confidence"] < min_confidence: return "low_confidence"
     return None
 
+# %% ../nbs/02_distillation.ipynb #f2a021
 def validate_answers(answers: list[dict], labels=TONES, min_confidence: float = 0.0,
                      input_key: str = "phrase", label_key: str = "tone") -> tuple[list[dict], dict]:
     "Well-formed answers as training records, and how many were dropped for each reason."
@@ -141,6 +157,32 @@ def train_student(method: str, student, tokenizer, records: list[dict], *, steps
         extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha, temperature=temperature))
     return train_causal_lm(student, tokenizer, examples, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            name=method, **extra, **training_args)
+
+# %% ../nbs/02_distillation.ipynb #f2a031
+def train_students(methods, student: str, teacher, teacher_tokenizer, gold: list[dict], synthetic: list[dict], *, steps: int,
+                   seed: int = 0, **train_args) -> dict:
+    "One fresh `student` per KD method, trained for `steps`: {method: {model, tokenizer, train_seconds, trainer}}."
+    out = {}
+    for method in methods:
+        model, tok = make_student(student, teacher_tokenizer, seed)
+        res = train_student(method, model, tok, gold if method == "gold_only" else synthetic, steps=steps, teacher=teacher,
+                            seed=seed, **train_args)
+        out[method] = {"model": model, "tokenizer": tok, "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
+    return out
+
+# %% ../nbs/02_distillation.ipynb #f2a041
+def distill_summary(results: dict, methods) -> dict:
+    "The headline figures of `results` ({'teacher': ..., 'student_<method>': ...} from `evaluate_classifier` with latency)."
+    best = max(methods, key=lambda m: results[f"student_{m}"]["accuracy"])
+    kd = [m for m in methods if m != "gold_only"]
+    bs, tr = results[f"student_{best}"], results["teacher"]
+    return {"teacher_accuracy": tr["accuracy"],
+            **{f"student_{m}_accuracy": results[f"student_{m}"]["accuracy"] for m in methods},
+            "best_student": best, "retention": bs["accuracy"] / tr["accuracy"],
+            "kd_gain_points": 100 * (max(results[f"student_{m}"]["accuracy"] for m in kd) - results["student_gold_only"]["accuracy"])
+                              if kd and "gold_only" in methods else None,
+            "param_ratio": bs["params"] / tr["params"], "latency_ratio": bs["latency_ms_p50"] / tr["latency_ms_p50"],
+            "memory_ratio": bs["memory_bytes"] / tr["memory_bytes"]}
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
 def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 32,

@@ -5,47 +5,61 @@
 # %% ../nbs/04_deployment.ipynb #ddaa1bed
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from .adapt import finetune, merge_adapter
+from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
 from .core import SlmopsError, atomic_dir, read_json, write_json
 from .data import Task, instruction_split
-from .measure import Timer, dir_size
-from .models import load_tokenizer, resolve_model, save_model
+from .models import load_tokenizer, resolve_model
 from .runtimes import GENAI_FILES, check_genai_folder
 from .tools import olive_run_config, run_olive, run_tool
 from .train import chat_examples, encode_chats
 
 # %% auto #0
-__all__ = ['BLOCK_SIZES', 'finetuned_models', 'check_int4', 'olive_build', 'olive_int8', 'builder_config', 'build_direct',
-           'int4_limit', 'exportable_adapter', 'export_model', 'export_main']
+__all__ = ['EXPORT_SIZES', 'BLOCK_SIZES', 'finetuned_models', 'check_int4', 'olive_build', 'olive_int8', 'builder_config',
+           'build_direct', 'int4_limit', 'exportable_adapter', 'export_model', 'export_variants']
+
+# %% ../nbs/04_deployment.ipynb #f4a001
+EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"default": 10**9, "smoke": 64},
+                "server_requests": {"default": 200, "smoke": 24}, "soak_requests": {"default": 500, "smoke": 50},
+                "teacher_inputs": {"default": 64, "smoke": 16},  # inputs the served model labels as a teacher
+                # when chapter 03 did not run: its training, shrunk as chapter 03 shrinks it
+                "finetune_epochs": {"default": 5, "smoke": 1}, "qa_epochs": {"default": 2, "smoke": 1},
+                "train_limit": {"default": 10**9, "smoke": 256}}
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
-def finetuned_models(chapter03, out, base="workbench:base", task: Task | None = None, epochs: float = 5, qa_epochs: float = 2,
+def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, epochs: float = 5, qa_epochs: float = 2,
                      train_limit: int | None = None) -> dict:
-    "Chapter 03's merged model, its tones/qa adapters and its task (`task.json`); trained into `out` on `task` when missing."
-    ch = Path(chapter03)
-    found = {"merged": ch/"merged-tones", "tones": ch/"lora"/"model", "qa": ch/"qa"/"model"}
-    if (found["merged"]/"config.json").exists() and all((found[k]/"adapter_config.json").exists() for k in ("tones", "qa")):
-        made = Task.from_dict(read_json(ch/"task.json")) if (ch/"task.json").exists() else Task()
+    "The run's merged model, task and qa adapters and their task, from the manifest; trained into `chapter_out/finetuned` if missing."
+    names = ("merged_model", "task_adapter", "qa_adapter")
+    found = {n: find_artifact(chapter_out, n) for n in names}
+    if all(found.values()):
+        task_file = find_artifact(chapter_out, "task")
+        made = Task.from_dict(read_json(task_file)) if task_file else Task()
         if task is not None and task != made:
-            raise SlmopsError(f"Chapter 03 in {ch} fine-tuned on {made}, but this chapter was asked to use {task}: pass the "
-                              "same data parameters to both chapters, or set model_dir to the model you mean.")
+            made_by = artifact_record(chapter_out, "merged_model")["chapter"]
+            raise SlmopsError(f"Chapter {made_by[:2]} in {run_folder(chapter_out)} fine-tuned on {made}, but this chapter was asked "
+                              f"to use {task}: pass the same data parameters to both chapters, or set model_dir to the model you mean.")
         return {**found, "task": made}
-    from slmops_nb.finetune import finetune  # PEFT and the Trainer: imported only when training
-    task, out, tok = task or Task(), Path(out), load_tokenizer(base)
+    task, out, tok = task or Task(), Path(chapter_out)/"finetuned", load_tokenizer(base)
     data = task.splits()
     ex = {s: chat_examples(tok, data[s][:train_limit], task.input_column, task.label_column) for s in ("train", "validation")}
-    res = finetune("lora", base, tok, ex["train"], ex["validation"], out/"tones", epochs=epochs, dropout=0.0)
-    with atomic_dir(out/"merged-tones") as tmp: save_model(res["model"].merge_and_unload(), tok, tmp)
+    finetune("lora", base, tok, ex["train"], ex["validation"], out/"task", epochs=epochs, dropout=0.0)
+    merge_adapter(base, out/"task"/"model", tok, out/"merged")
     qa = {s: encode_chats(tok, [(r["question"], r["answer"]) for r in instruction_split(s)[:train_limit]], 128)
           for s in ("train", "validation")}
     finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", epochs=qa_epochs, lr=1e-3, dropout=0.0)
-    return {"merged": out/"merged-tones", "tones": out/"tones"/"model", "qa": out/"qa"/"model", "task": task}
+    write_json(out/"task.json", task.describe())
+    made = {"merged_model": out/"merged", "task_adapter": out/"task"/"model", "qa_adapter": out/"qa"/"model", "task": out/"task.json"}
+    for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base))
+    return {**{n: made[n] for n in names}, "task": task}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -148,17 +162,20 @@ def export_model(model, out, precision: str = "int4", block_size: int = 32, symm
     try: return olive_int8(fp32, out)
     finally: shutil.rmtree(fp32, ignore_errors=True)
 
-# %% ../nbs/04_deployment.ipynb #ex03
-def export_main(argv=None) -> int:
-    "`slmops export MODEL OUT`: a Hugging Face model folder converted for ONNX Runtime GenAI, `slmops serve` and Foundry Local."
-    ap = argparse.ArgumentParser(prog="slmops export", description="Convert a Hugging Face model folder to ONNX Runtime GenAI.")
-    ap.add_argument("model", help="the model: a folder written by save_pretrained, a workbench name or a hub id")
-    ap.add_argument("out", help="the ONNX Runtime GenAI folder to write (replaced only when the conversion succeeds)")
-    ap.add_argument("--precision", default="int4", choices=("fp32", "int8", "int4"))
-    ap.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="int4 weights sharing one scale")
-    ap.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
-    ap.add_argument("--tool", default="olive", choices=("olive", "builder"), help="Olive's ModelBuilder pass, or the builder alone")
-    a = ap.parse_args(argv)
-    with Timer() as t: out = export_model(a.model, a.out, a.precision, a.block_size, not a.asymmetric, a.tool)
-    print(f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}")
-    return 0
+# %% ../nbs/04_deployment.ipynb #f4a010
+def export_variants(merged, base, adapters: dict, out, block_size: int = 32, symmetric: bool = True) -> dict:
+    "Every deployment variant of a merged model and its adapters, three conversions at a time: ORT fp32, int8, int4, builder int4, adapters."
+    out = Path(out)
+    config = builder_config(merged, "int4", block_size, symmetric)
+    def fp32_and_int8() -> dict:
+        fp32 = olive_build(merged, out/"ort_fp32", "fp32")
+        return {"fp32": fp32, "int8": olive_int8(fp32, out/"ort_int8")}
+    with ThreadPoolExecutor(3) as pool:
+        t0 = time.perf_counter()
+        jobs = {"ort": pool.submit(fp32_and_int8), "int4": pool.submit(olive_run_config, config, out/"ort_int4", GENAI_FILES),
+                "builder_int4": pool.submit(build_direct, merged, out/"builder_int4", "int4", block_size, symmetric),
+                **{f"adapter_{k}": pool.submit(olive_build, base, out/f"base_fp32_{k}", "fp32",
+                                               adapter_path=exportable_adapter(v, out/f"adapter_{k}")) for k, v in adapters.items()}}
+        done = {k: j.result() for k, j in jobs.items()}
+    return {"ort": {**done["ort"], "int4": done["int4"]}, "builder_int4": done["builder_int4"], "config": config,
+            "adapters": {k: done[f"adapter_{k}"] for k in adapters}, "seconds": time.perf_counter() - t0}

@@ -5,92 +5,40 @@
 # %% ../nbs/03_finetuning.ipynb #7781b397
 from __future__ import annotations
 
-import argparse
 import gc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from transformers import EarlyStoppingCallback, Trainer
-
-from .core import SlmopsError, atomic_dir, read_json, write_json
-from .data import Task
-from .measure import PeakMemory
-from .models import load_base, load_model, load_tokenizer
-from .tools import olive_finetune
-from .train import OverfittingWarning, chat_examples, train_causal_lm
+from .adapt import ADAPTER_METHODS, finetune, trainable_parameters
+from .core import SlmopsError, read_json, write_json
+from .data import Task, chat_text, write_jsonl
+from .evaluate import answer_loss, evaluate_classifier
+from .measure import Timer
+from .models import load_base, load_tokenizer
+from .tools import olive_finetune, olive_run_config
+from .train import chat_examples
 
 # %% auto #0
-__all__ = ['FINETUNE_METHODS', 'ADAPTER_METHODS', 'LORA_TARGETS', 'SEARCH_SPACE', 'check_methods', 'check_lora', 'peft_config',
-           'prepare_model', 'trainable_parameters', 'finetune', 'olive_training_args', 'olive_method',
-           'load_olive_method', 'suggest', 'random_search', 'load_adapters', 'finetune_main']
+__all__ = ['FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args', 'olive_method',
+           'load_olive_method', 'olive_task_data', 'compare_methods', 'suggest', 'random_search', 'search_lora',
+           'finetune_task']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
-FINETUNE_METHODS = ("full", "lora", "qlora", "dora", "ia3", "olive_lora", "olive_qlora")
-ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained here with PEFT
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+FINETUNE_METHODS = ("full", *ADAPTER_METHODS, "olive_lora", "olive_qlora")
 
+# %% ../nbs/03_finetuning.ipynb #f3a001
 def check_methods(methods) -> list[str]:
     "The methods, checked against FINETUNE_METHODS."
     unknown = [m for m in methods if m not in FINETUNE_METHODS]
     if unknown: raise SlmopsError(f"Unknown fine-tuning method(s) {unknown}: use some of {', '.join(FINETUNE_METHODS)}.")
     return list(methods)
 
-def check_lora(r: int, alpha: float, dropout: float = 0.0):
-    "LoRA hyperparameters that can train: rank and alpha at least 1, dropout in [0, 1)."
-    if not (isinstance(r, int) and r >= 1): raise SlmopsError(f"LoRA rank must be an integer of at least 1, got {r!r} (try 8).")
-    if alpha <= 0: raise SlmopsError(f"LoRA alpha must be positive, got {alpha!r} (the update is scaled by alpha / rank; try 2 x rank).")
-    if not 0 <= dropout < 1: raise SlmopsError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
-
-def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
-    "The PEFT config of an adapter method (IA³ uses PEFT's default layers for the architecture)."
-    from peft import IA3Config, LoraConfig
-    if method == "ia3": return IA3Config(task_type="CAUSAL_LM")
-    check_lora(r, alpha, dropout)
-    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=list(target_modules or LORA_TARGETS), use_dora=method == "dora")
-
-def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
-    "The model a method trains: the whole base (full), or the base with a fresh adapter."
-    if method == "full": return load_model(base)
-    if method not in ADAPTER_METHODS: raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
-    from peft import get_peft_model
-    return get_peft_model(load_base(base, quantize_4bit=method == "qlora"), peft_config(method, r, alpha, dropout, target_modules))
-
-def trainable_parameters(model) -> tuple[int, int]:
-    "(trainable, total) parameters; 4-bit weights count as their unpacked size."
-    if hasattr(model, "get_nb_trainable_parameters"): return model.get_nb_trainable_parameters()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-# %% ../nbs/03_finetuning.ipynb #a87f999a
-def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict], out, *, epochs: float = 1,
-             max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1, r: int = 8,
-             alpha: float = 32, dropout: float = 0.05, target_modules=None, patience: int = 1, seed: int = 0,
-             trainer_cls=Trainer, trainer_kwargs: dict | None = None) -> dict:
-    "Train `method` on `base`: checkpoints, TensorBoard logs, early stopping; the adapter (or model) saved in `out`/model."
-    if not train or not valid: raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
-    out = Path(out)
-    gc.collect()
-    with PeakMemory(interval=0.05) as mem:
-        model = prepare_model(method, base, r, alpha, dropout, target_modules)
-        when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(1, max_steps // 4))
-                if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
-        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                              output_dir=out/"checkpoints", name=method, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-                              callbacks=[EarlyStoppingCallback(patience), OverfittingWarning(method)],
-                              max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum, save_total_limit=1,
-                              load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-                              report_to=["tensorboard"], **when)  # TensorBoard logs go to checkpoints/runs/
-    model = res["trainer"].model
-    if res["trainer"].is_world_process_zero():  # under torchrun, one process writes the result
-        with atomic_dir(out/"model") as tmp:
-            model.save_pretrained(tmp, **({"save_embedding_layers": False} if method != "full" else {}))
-            tokenizer.save_pretrained(tmp)
-    trainable, total = trainable_parameters(model)
-    state = res["trainer"].state
-    return {"model": model, "trainable_params": trainable, "trainable_fraction": trainable / total,
-            "peak_memory_mb": mem.delta_mb, "train_seconds": res["train_seconds"], "log_history": res["log_history"],
-            "steps": state.global_step, "best_eval_loss": state.best_metric,
-            "stopped_early": state.global_step < state.max_steps}
+# %% ../nbs/03_finetuning.ipynb #f3a004
+FINETUNE_SIZES = {"epochs": {"default": 5, "smoke": 1}, "olive_epochs": {"default": 1, "smoke": 1},
+                  "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64},
+                  "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
+                  "qa_epochs": {"default": 2, "smoke": 1}}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
 def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
@@ -100,6 +48,7 @@ def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 3e-3,
             "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10}
     return {**args, "max_steps": max_steps} if max_steps else args
 
+# %% ../nbs/03_finetuning.ipynb #f3a011
 def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32,
                  target_modules=None, max_length: int = 64, threads: int | None = None, **training) -> Path:
     "Fine-tune on `data_file` with `olive finetune --method lora|qlora` into `out/olive`; `training`: `olive_training_args`."
@@ -107,6 +56,7 @@ def olive_method(method: str, base, data_file, text_template: str, out, *, r: in
                           alpha=alpha, target_modules=target_modules, max_seq_len=max_length,
                           training_args=olive_training_args(**training), threads=threads)
 
+# %% ../nbs/03_finetuning.ipynb #f3a012
 def load_olive_method(method: str, base, folder) -> dict:
     "The adapter of an Olive run in `folder` on the base (4-bit for `olive_qlora`), with the run's figures, for evaluation."
     from peft import PeftModel
@@ -118,14 +68,60 @@ def load_olive_method(method: str, base, folder) -> dict:
     return {"model": model, "trainable_params": trainable, "trainable_fraction": trainable / total,
             "peak_memory_mb": info["peak_memory_mb"], "train_seconds": info["seconds"], "folder": Path(folder)}
 
+# %% ../nbs/03_finetuning.ipynb #f3a014
+def olive_task_data(records: list[dict], tokenizer, input_column: str, label_column: str, out) -> tuple[Path, str]:
+    "The file Olive trains on (`out/olive_train.jsonl`, the two columns) and the text template of the model's chat format."
+    path = write_jsonl(Path(out)/"olive_train.jsonl", [{input_column: r[input_column], label_column: str(r[label_column])} for r in records])
+    return path, chat_text(tokenizer, "{" + input_column + "}", "{" + label_column + "}")
+
+# %% ../nbs/03_finetuning.ipynb #f3a020
+def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
+                    max_steps: int = 0, olive_epochs: float = 1, lr: float = 3e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1,
+                    batch_size: int = 32, grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
+                    target_modules=None, max_length: int = 64, patience: int = 1, seed: int = 0, workflow: dict | None = None) -> dict:
+    "Every method on the same data, Olive's runs (and `workflow`, run with `olive run --config`) together first; each method scored on the test split."
+    check_methods(methods)
+    out = Path(out)
+    olive_methods = [m for m in methods if m.startswith("olive_")]
+    olive_file, template = olive_task_data(data["train"], tokenizer, task.input_column, task.label_column, out)
+    olive_args = dict(epochs=olive_epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
+    threads = max(1, (os.cpu_count() or 1) // 3)  # the three runs share the cores (oversubscribed, they crawl)
+    with ThreadPoolExecutor(3) as pool, Timer() as t_olive:
+        jobs = {m: pool.submit(olive_method, m, base, olive_file, template, out/m, r=r, alpha=alpha, target_modules=target_modules,
+                               max_length=max_length, threads=threads, **olive_args) for m in olive_methods}
+        if workflow: jobs["workflow"] = pool.submit(olive_run_config, workflow, out/"olive_config"/"output",
+                                                    ["adapter/adapter_config.json"], threads=threads)
+        folders = {m: j.result() for m, j in jobs.items()}
+    print(f"{len(jobs)} Olive runs together, {threads} CPU thread(s) each: {t_olive.seconds:.0f} s")
+    common = dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, r=r, alpha=alpha,
+                  target_modules=target_modules, seed=seed, dropout=dropout, patience=patience)
+    results, histories, answers = {}, {}, {}
+    for m in methods:
+        print(f"--- {m}")
+        if m in olive_methods: res = load_olive_method(m, base, folders[m])
+        else:
+            res = finetune(m, base, tokenizer, examples["train"], examples["validation"], out/m, lr={"full": full_lr, "ia3": ia3_lr}.get(m, lr), **common)
+            histories[m] = res["log_history"]
+        ev = evaluate_classifier(res["model"], tokenizer, data["test"], task.input_column, task.label_column, task.labels,
+                                 examples=examples["test"], predictions=True)
+        answers[m] = ev.pop("predictions")
+        results[m] = {k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds")}
+        results[m].update(eval_loss=answer_loss(res["model"], tokenizer, examples["validation"]), **ev)
+        del res; gc.collect()
+        print({k: round(v, 4) for k, v in results[m].items()})
+    return {"results": results, "histories": histories, "answers": answers, "olive_seconds": t_olive.seconds,
+            "olive_folders": {m: folders[m] for m in olive_methods}, "workflow_folder": folders.get("workflow")}
+
 # %% ../nbs/03_finetuning.ipynb #da00dc0c
 SEARCH_SPACE = {"lr": (1e-6, 1e-3), "r": (8, 64), "batch_size": (8, 16, 32)}
 
+# %% ../nbs/03_finetuning.ipynb #f3a030
 def suggest(trial, space: dict = SEARCH_SPACE) -> dict:
     "One configuration from `space`: learning rate and rank on a log scale, a batch size from the choices."
     return {"lr": trial.suggest_float("lr", *space["lr"], log=True), "r": trial.suggest_int("r", *space["r"], log=True),
             "batch_size": trial.suggest_categorical("batch_size", list(space["batch_size"]))}
 
+# %% ../nbs/03_finetuning.ipynb #f3a032
 def random_search(objective, n_trials: int, seed: int = 0, space: dict = SEARCH_SPACE):
     "Optuna random search minimising `objective(config)`; returns the study (`study.best_params`, `trials_dataframe()`)."
     import optuna
@@ -135,49 +131,26 @@ def random_search(objective, n_trials: int, seed: int = 0, space: dict = SEARCH_
     study.optimize(lambda trial: objective(suggest(trial, space)), n_trials=n_trials)
     return study
 
-# %% ../nbs/03_finetuning.ipynb #6d6d8698
-def load_adapters(base, adapters: dict):
-    "`base` with several named adapters (`{name: folder}`) loaded; switch with `model.set_adapter(name)`."
-    from peft import PeftModel
-    if not adapters: raise SlmopsError("No adapters given: pass {name: adapter folder}.")
-    (first, path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(load_model(base), path, adapter_name=first)
-    for name, p in rest: model.load_adapter(p, adapter_name=name)
-    model.eval()
-    return model
+# %% ../nbs/03_finetuning.ipynb #f3a035
+def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_trials: int, scale: float = 4.0, seed: int = 0,
+                **finetune_args):
+    "Random search of LoRA's learning rate, rank and batch size: one epoch a trial in `out/trial`, alpha = `scale` × rank."
+    def trial_loss(cfg: dict) -> float:
+        return finetune("lora", base, tokenizer, train, valid, Path(out)/"trial", epochs=1, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                        r=cfg["r"], alpha=scale * cfg["r"], seed=seed, **finetune_args)["best_eval_loss"]
+    return random_search(trial_loss, n_trials, seed)
 
 # %% ../nbs/03_finetuning.ipynb #3d9e84a4
-def finetune_main(argv=None) -> int:
-    "`slmops finetune`: train one method; under `torchrun` every process joins one DDP run."
-    ap = argparse.ArgumentParser(prog="slmops finetune", description="Fine-tune one method (full or an adapter); torchrun-ready.")
-    ap.add_argument("--base", default="workbench:base", help="workbench name, model folder or hub id")
-    ap.add_argument("--method", default="lora", help=f"one of full, {', '.join(ADAPTER_METHODS)}")
-    ap.add_argument("--train", default="", help="training file (json, jsonl, csv); default: the built-in tones")
-    ap.add_argument("--validation", default="", help="validation file; default: carved from the training file")
-    ap.add_argument("--input-column", default="phrase"); ap.add_argument("--label-column", default="tone")
-    ap.add_argument("--out", required=True, help="output folder (model/, checkpoints/, ranks/)")
-    ap.add_argument("--epochs", type=float, default=1.0); ap.add_argument("--max-steps", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=3e-3); ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--grad-accum", type=int, default=1); ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=32); ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--target-modules", default=",".join(LORA_TARGETS), help="comma-separated LoRA target modules")
-    ap.add_argument("--max-length", type=int, default=64); ap.add_argument("--limit", type=int, default=0, help="use the first N examples")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    if a.method not in ("full", *ADAPTER_METHODS): raise SlmopsError(f"Unknown method {a.method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
-    data = Task(a.train, a.validation, "", a.input_column, a.label_column, a.seed).splits()
-    tok = load_tokenizer(a.base)
-    ex = {s: chat_examples(tok, data[s][:a.limit or None], a.input_column, a.label_column, a.max_length) for s in ("train", "validation")}
-    out = Path(a.out)
-    res = finetune(a.method, a.base, tok, ex["train"], ex["validation"], out, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
-                   batch_size=a.batch_size, grad_accum=a.grad_accum, r=a.r, alpha=a.alpha, dropout=a.dropout,
-                   target_modules=a.target_modules.split(","), seed=a.seed)
+def finetune_task(method: str, base, task: Task, out, *, limit: int = 0, max_length: int = 64, **training) -> dict:
+    "`slmops finetune`: one in-process method on a task's train and validation splits into `out`; torchrun-ready."
+    if method not in ("full", *ADAPTER_METHODS): raise SlmopsError(f"Unknown method {method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
+    data, tok, out = task.splits(), load_tokenizer(base), Path(out)
+    ex = {s: chat_examples(tok, data[s][:limit or None], task.input_column, task.label_column, max_length) for s in ("train", "validation")}
+    res = finetune(method, base, tok, ex["train"], ex["validation"], out, **training)
     import torch.distributed as dist
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     info = {"rank": rank, "world_size": world, "backend": dist.get_backend() if dist.is_initialized() else None,
             "steps": res["steps"], "train_examples": len(ex["train"]), "train_seconds": res["train_seconds"]}
-    write_json(out/"ranks"/f"rank-{rank}.json", info)
-    if rank == 0:
-        write_json(out/"result.json", {k: res[k] for k in ("trainable_params", "trainable_fraction", "train_seconds", "steps", "best_eval_loss")})
-        print(f"slmops finetune: {a.method} on {world} process(es), {res['steps']} steps, model in {out/'model'}")
-    return 0
+    write_json(out/"ranks"/f"rank-{rank}.json", info)  # every process says what it did
+    if rank == 0: write_json(out/"result.json", {k: res[k] for k in ("trainable_params", "trainable_fraction", "train_seconds", "steps", "best_eval_loss")})
+    return info

@@ -158,15 +158,16 @@ def free_port() -> int:
 # %% ../nbs/00i_serve.ipynb #c020
 class ServerProcess:
     "`slmops serve MODEL_DIR` in a child process (a context manager): `base_url`, `pid`; ready when /v1/models answers."
-    def __init__(self, model_dir, api_key: str | None = None, port: int | None = None, log=None, timeout: float = 120):
-        self.model_dir, self.api_key, self.port, self.timeout = Path(model_dir), api_key, port or free_port(), timeout
+    def __init__(self, model_dir, api_key: str | None = None, port: int | None = None, log=None, timeout: float = 120,
+                 runtime: str = "genai"):
+        self.model_dir, self.api_key, self.port, self.timeout, self.runtime = Path(model_dir), api_key, port or free_port(), timeout, runtime
         self.log = Path(log) if log else self.model_dir.with_name(self.model_dir.name + ".serve.log")
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self):
         import httpx
         cmd = [sys.executable, "-c", "import sys; from slmops_nb.cli import main; sys.exit(main())",  # slmops, in this Python
-               "serve", str(self.model_dir), "--port", str(self.port)]
+               "serve", str(self.model_dir), "--port", str(self.port), "--runtime", self.runtime]
         env = {k: v for k, v in os.environ.items() if k != "SLMOPS_API_KEY"} | ({"SLMOPS_API_KEY": self.api_key} if self.api_key else {})
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from slmops_nb.cli import list_chapters, notebooks_dir
+from slmops_nb.runner import list_chapters, notebooks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SLMOPS = str(Path(sys.executable).parent/"slmops")

@@ -111,7 +111,7 @@ def test_the_toolkit_needs_only_the_core_requirements():
     extras = ["olive", "onnxruntime", "onnxruntime_genai", "foundry_local_sdk", "fastapi", "uvicorn", "openai", "papermill",
               "nbdev", "jupyterlab", "matplotlib", "optuna", "tensorboard"]
     code = ("import sys, slmops_nb, slmops_nb.core, slmops_nb.measure, slmops_nb.data, slmops_nb.datagen, slmops_nb.models, "
-            "slmops_nb.train, slmops_nb.evaluate, slmops_nb.runtimes, slmops_nb.tools\n"
+            "slmops_nb.train, slmops_nb.adapt, slmops_nb.evaluate, slmops_nb.runtimes, slmops_nb.tools, slmops_nb.artifacts\n"
             f"print(sorted(m for m in {extras!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from slmops_nb.artifacts import record_artifact
 from slmops_nb.core import SlmopsError, read_json, write_json
 from slmops_nb.data import Task, tone_split
 from slmops_nb.export import (build_direct, builder_config, finetuned_models, olive_build, olive_int8)
@@ -148,19 +149,22 @@ def test_olive_model_builder_failure_is_a_clear_error(tmp_path):
 
 
 def _chapter03(folder, task=None):
+    "A run folder in which chapter 03 recorded a merged model, two adapters and (when given) its task."
     for d in ("merged-tones", "lora/model", "qa/model"): (folder/d).mkdir(parents=True)
     (folder/"merged-tones"/"config.json").write_text("{}")
     for d in ("lora/model", "qa/model"): (folder/d/"adapter_config.json").write_text("{}")
-    if task is not None: write_json(folder/"task.json", task.describe())
-    return folder
+    made = {"merged_model": "merged-tones", "task_adapter": "lora/model", "qa_adapter": "qa/model"}
+    if task is not None: made["task"] = write_json(folder/"task.json", task.describe()).name
+    for name, path in made.items(): record_artifact(folder, name, folder/path)
+    return folder.parent/"04_deployment"
 
 
 def test_chapter04_takes_the_task_chapter03_trained_on(tmp_path, intents_csv):
     "Deploying chapter 03's model scores it on chapter 03's data, never silently on the tones."
     intents = Task(str(intents_csv), input_column="utterance", label_column="intent")
-    ch = _chapter03(tmp_path/"03_finetuning", intents)
-    assert finetuned_models(ch, tmp_path/"unused")["task"] == intents
-    assert finetuned_models(ch, tmp_path/"unused", task=intents)["task"].labels == intents.labels
+    ch = _chapter03(tmp_path/"run"/"03_finetuning", intents)
+    assert finetuned_models(ch)["task"] == intents
+    assert finetuned_models(ch, task=intents)["task"].labels == intents.labels
     with pytest.raises(SlmopsError, match="Chapter 03 in .* fine-tuned on Task.*intents.csv.*pass the same data parameters"):
-        finetuned_models(ch, tmp_path/"unused", task=Task(str(intents_csv), input_column="utterance", label_column="intent", seed=1))
-    assert finetuned_models(_chapter03(tmp_path/"old"), tmp_path/"unused")["task"] == Task()  # a run from before task.json
+        finetuned_models(ch, task=Task(str(intents_csv), input_column="utterance", label_column="intent", seed=1))
+    assert finetuned_models(_chapter03(tmp_path/"old"/"03_finetuning"))["task"] == Task()  # a run whose chapter 03 recorded no task

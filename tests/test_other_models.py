@@ -12,7 +12,7 @@ from slmops_nb.data import tone_split
 from slmops_nb.export import build_direct
 from slmops_nb.runtimes import GenAIModel
 from slmops_nb.train import chat_examples
-from slmops_nb.finetune import finetune
+from slmops_nb.adapt import finetune
 from slmops_nb.serve import ServerProcess
 from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids
 from slmops_nb.evaluate import logit_gap, next_token_logits
