@@ -8,20 +8,27 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from transformers import EarlyStoppingCallback, Trainer
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, EarlyStoppingCallback, Trainer
 
 from .core import SlmopsError, atomic_dir
 from .measure import PeakMemory
-from .models import load_base, load_model, save_model
+from .models import load_base, load_model, resolve_model, save_model
 from .train import OverfittingWarning, train_causal_lm
 
 # %% auto #0
-__all__ = ['ADAPTER_METHODS', 'LORA_TARGETS', 'check_lora', 'peft_config', 'prepare_model', 'trainable_parameters', 'finetune',
+__all__ = ['ADAPTER_METHODS', 'lora_targets', 'check_lora', 'peft_config', 'prepare_model', 'trainable_parameters', 'finetune',
            'load_adapters', 'merge_adapter']
 
 # %% ../nbs/00ea_adapt.ipynb #t041
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PEFT
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+# %% ../nbs/00ea_adapt.ipynb #d011
+def lora_targets(model) -> list[str]:
+    "LoRA's target modules for a model (or a model's name or folder): the names of all its linear layers."
+    if isinstance(model, (str, Path)):
+        with torch.device("meta"): model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 # %% ../nbs/00ea_adapt.ipynb #t042
 def check_lora(r: int, alpha: float, dropout: float = 0.0):
@@ -32,20 +39,21 @@ def check_lora(r: int, alpha: float, dropout: float = 0.0):
 
 # %% ../nbs/00ea_adapt.ipynb #t044
 def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
-    "The PEFT config of an adapter method (IA³ uses PEFT's default layers for the architecture)."
+    "The PEFT config of an adapter method (no `target_modules`, or IA³: PEFT's default layers for the architecture)."
     from peft import IA3Config, LoraConfig
     if method == "ia3": return IA3Config(task_type="CAUSAL_LM")
     check_lora(r, alpha, dropout)
     return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=list(target_modules or LORA_TARGETS), use_dora=method == "dora")
+                      target_modules=list(target_modules) if target_modules else None, use_dora=method == "dora")
 
 # %% ../nbs/00ea_adapt.ipynb #t046
 def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
-    "The model a method trains: the whole base (full), or the base with a fresh adapter."
+    "The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear layers by default)."
     if method == "full": return load_model(base)
     if method not in ADAPTER_METHODS: raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
     from peft import get_peft_model
-    return get_peft_model(load_base(base, quantize_4bit=method == "qlora"), peft_config(method, r, alpha, dropout, target_modules))
+    model = load_base(base, quantize_4bit=method == "qlora")
+    return get_peft_model(model, peft_config(method, r, alpha, dropout, target_modules or lora_targets(model)))
 
 # %% ../nbs/00ea_adapt.ipynb #t047
 def trainable_parameters(model) -> tuple[int, int]:

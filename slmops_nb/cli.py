@@ -79,6 +79,7 @@ def cmd_workbench(a) -> int:
 # %% ../nbs/00m_cli.ipynb #c012
 @subcommand("fine-tune one method on a task (torchrun-ready: every process joins one DDP run)",
     arg("--base", default="workbench:base", help="workbench name, model folder or hub id"),
+    arg("--task", default="", help="a task file (YAML or JSON) or a built-in task's name; or describe the data with the options below"),
     arg("--method", default="lora", help="full, lora, qlora, dora or ia3"),
     arg("--train", default="", help="training file (json, jsonl, csv); default: the built-in tones"),
     arg("--validation", default="", help="validation file; default: carved from the training file"),
@@ -92,9 +93,10 @@ def cmd_workbench(a) -> int:
     arg("--max-length", type=int, default=64), arg("--limit", type=int, default=0, help="use the first N examples"),
     arg("--seed", type=int, default=0))
 def cmd_finetune(a) -> int:
-    from slmops_nb.data import Task
+    from slmops_nb.data import task_from_params
     from slmops_nb.finetune import finetune_task
-    task = Task(a.train, a.validation, "", a.input_column, a.label_column, a.seed)
+    task = task_from_params(a.task, a.seed, train_file=a.train, validation_file=a.validation, input_column=a.input_column,
+                            label_column=a.label_column)
     res = finetune_task(a.method, a.base, task, a.out, limit=a.limit, max_length=a.max_length, epochs=a.epochs,
                         max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, r=a.r, alpha=a.alpha,
                         dropout=a.dropout, target_modules=a.target_modules.split(",") if a.target_modules else None, seed=a.seed)
@@ -134,13 +136,15 @@ def cmd_serve(a) -> int:
 @subcommand("benchmark model folders side by side into a JSON file",
     arg("variants", nargs="+", metavar="NAME=RUNTIME:FOLDER", help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR"),
     arg("--out", default="bench.json", help="the JSON file to write"),
-    arg("--requests", type=int, default=20, help="timed requests per variant (shop questions)"),
+    arg("--requests", type=int, default=20, help="timed requests per variant (the task's test prompts)"),
     arg("--max-new-tokens", type=int, default=32),
-    arg("--eval-limit", type=int, default=450, help="tone test phrases scored per variant"),
+    arg("--eval-limit", type=int, default=450, help="test records scored per variant"),
+    arg("--task", default="", help="a task file (YAML or JSON) or a built-in task's name (default: the tones)"),
     arg("--foundry-home", default=None, help="Foundry Local's app data folder (default: next to --out)"))
 def cmd_bench(a) -> int:
     from slmops_nb.bench import bench_folders
-    bench_folders(a.variants, a.out, a.requests, a.max_new_tokens, a.eval_limit, a.foundry_home)
+    from slmops_nb.data import load_task
+    bench_folders(a.variants, a.out, a.requests, a.max_new_tokens, a.eval_limit, a.foundry_home, load_task(a.task) if a.task else None)
     print(f"wrote {a.out}")
     return 0
 

@@ -10,14 +10,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .adapt import ADAPTER_METHODS, finetune, trainable_parameters
+from .adapt import ADAPTER_METHODS, finetune, lora_targets, trainable_parameters
 from .core import SlmopsError, read_json, write_json
 from .data import Task, chat_text, write_jsonl
-from .evaluate import answer_loss, evaluate_classifier
+from .evaluate import answer_loss, evaluate_task
 from .measure import Timer
 from .models import load_base, load_tokenizer
 from .tools import olive_finetune, olive_run_config
-from .train import chat_examples
+from .train import task_examples
 
 # %% auto #0
 __all__ = ['FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args', 'olive_method',
@@ -69,21 +69,24 @@ def load_olive_method(method: str, base, folder) -> dict:
             "peak_memory_mb": info["peak_memory_mb"], "train_seconds": info["seconds"], "folder": Path(folder)}
 
 # %% ../nbs/03_finetuning.ipynb #f3a014
-def olive_task_data(records: list[dict], tokenizer, input_column: str, label_column: str, out) -> tuple[Path, str]:
-    "The file Olive trains on (`out/olive_train.jsonl`, the two columns) and the text template of the model's chat format."
-    path = write_jsonl(Path(out)/"olive_train.jsonl", [{input_column: r[input_column], label_column: str(r[label_column])} for r in records])
-    return path, chat_text(tokenizer, "{" + input_column + "}", "{" + label_column + "}")
+def olive_task_data(task: Task, records: list[dict], tokenizer, out) -> tuple[Path, str]:
+    "The file Olive trains on (`out/olive_train.jsonl`: the columns the task reads) and the text template of the model's chat format."
+    cols = task.columns()
+    path = write_jsonl(Path(out)/"olive_train.jsonl", [{c: str(r[c]) for c in cols} for r in records])
+    prompt = task.prompt_template or "{" + task.input_column + "}"
+    return path, chat_text(tokenizer, prompt, "{" + task.label_column + "}", task.system_prompt or None)
 
 # %% ../nbs/03_finetuning.ipynb #f3a020
 def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
                     max_steps: int = 0, olive_epochs: float = 1, lr: float = 3e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1,
                     batch_size: int = 32, grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
                     target_modules=None, max_length: int = 64, patience: int = 1, seed: int = 0, workflow: dict | None = None) -> dict:
-    "Every method on the same data, Olive's runs (and `workflow`, run with `olive run --config`) together first; each method scored on the test split."
+    "Every method on the same data, Olive's runs (and `workflow`, run with `olive run --config`) together first; each scored on the task's test split."
     check_methods(methods)
     out = Path(out)
     olive_methods = [m for m in methods if m.startswith("olive_")]
-    olive_file, template = olive_task_data(data["train"], tokenizer, task.input_column, task.label_column, out)
+    olive_file, template = olive_task_data(task, data["train"], tokenizer, out)
+    target_modules = target_modules or lora_targets(base)  # Olive and PEFT adapt the same layers
     olive_args = dict(epochs=olive_epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
     threads = max(1, (os.cpu_count() or 1) // 3)  # the three runs share the cores (oversubscribed, they crawl)
     with ThreadPoolExecutor(3) as pool, Timer() as t_olive:
@@ -102,8 +105,7 @@ def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: 
         else:
             res = finetune(m, base, tokenizer, examples["train"], examples["validation"], out/m, lr={"full": full_lr, "ia3": ia3_lr}.get(m, lr), **common)
             histories[m] = res["log_history"]
-        ev = evaluate_classifier(res["model"], tokenizer, data["test"], task.input_column, task.label_column, task.labels,
-                                 examples=examples["test"], predictions=True)
+        ev = evaluate_task(res["model"], tokenizer, task, data["test"], examples=examples["test"], predictions=True)
         answers[m] = ev.pop("predictions")
         results[m] = {k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds")}
         results[m].update(eval_loss=answer_loss(res["model"], tokenizer, examples["validation"]), **ev)
@@ -145,7 +147,7 @@ def finetune_task(method: str, base, task: Task, out, *, limit: int = 0, max_len
     "`slmops finetune`: one in-process method on a task's train and validation splits into `out`; torchrun-ready."
     if method not in ("full", *ADAPTER_METHODS): raise SlmopsError(f"Unknown method {method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
     data, tok, out = task.splits(), load_tokenizer(base), Path(out)
-    ex = {s: chat_examples(tok, data[s][:limit or None], task.input_column, task.label_column, max_length) for s in ("train", "validation")}
+    ex = {s: task_examples(tok, task, data[s][:limit or None], max_length) for s in ("train", "validation")}
     res = finetune(method, base, tok, ex["train"], ex["validation"], out, **training)
     import torch.distributed as dist
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -5,6 +5,7 @@
 # %% ../nbs/00d_models.ipynb #c003
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -13,16 +14,16 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 
 from .core import SlmopsError, artifact_info, cached_artifact, file_hash, seed_everything, write_json
 from .measure import Timer
-from .data import DATA_DIR, WORKBENCH_FILES, chat_messages, chat_text, instruction_split, tone_split, workbench_records
+from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, chat_text, instruction_split, tone_split, workbench_records
 from .datagen import SENTIMENT, lexicon_sentences
-from .train import encode_chats, encode_texts, train_causal_lm
+from .train import encode_texts, task_examples, train_causal_lm
 
 # %% auto #0
-__all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'STUDENT_ARCH',
-           'WORKBENCH_PREFIX', 'CHATML_TEMPLATE', 'TINY_ARCH', 'pretraining_texts', 'base_texts', 'tokenizer_corpus',
-           'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'end_of_turn_id', 'stop_token_ids', 'save_model',
-           'model_spec', 'new_model', 'workbench_path', 'build_workbench', 'resolve_model', 'load_tokenizer',
-           'load_model', 'load_base', 'tiny_model']
+__all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER_STEPS',
+           'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHATML_TEMPLATE', 'TINY_ARCH', 'pretraining_texts', 'base_texts',
+           'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'end_of_turn_id', 'stop_token_ids',
+           'save_model', 'model_spec', 'new_model', 'task_fingerprint', 'workbench_path', 'build_workbench',
+           'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -122,10 +123,11 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
 MODEL_SPECS = {
     "base": {"arch": _llama(256, 4, 4, 2, 768), "data": "base",
              "train": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "max_length": 96}, "seed": 0},
-    "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",
+    "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",  # another task's data replaces the tones (`task_model`)
                 "train": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 96}, "seed": 0},
 }
 
+TASK_TEACHER_STEPS = 300  # a teacher of a small task trains for this many steps at least (more epochs over its few examples)
 STUDENT_ARCH = _llama(64, 2, 2, 1, 256)  # distillation's student: built by chapter 02, several times smaller
 
 # %% ../nbs/00d_models.ipynb #c029
@@ -143,27 +145,37 @@ def new_model(tokenizer, arch: dict, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 # %% ../nbs/00d_models.ipynb #c033
-def _training_data(kind: str, tokenizer, max_length: int):
-    if kind == "base": return encode_texts(tokenizer, base_texts(), max_length), None
-    pairs = lambda split: [(r["phrase"], r["tone"]) for r in tone_split(split)]
-    return encode_chats(tokenizer, pairs("train"), max_length), encode_chats(tokenizer, pairs("validation"), max_length)
+def _training_data(data, tokenizer, max_length: int, task: Task | None):
+    if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
+    task = task or Task()
+    if data != "tones": max_length = MODEL_SPECS["teacher"]["arch"]["max_position_embeddings"]  # another task: its answers whole
+    return tuple(task_examples(tokenizer, task, task.splits()[s], max_length) for s in ("train", "validation"))
 
 # %% ../nbs/00d_models.ipynb #c034
-def _build_model(out: Path, spec: dict, root=None):
+def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
     model = new_model(tokenizer, spec["arch"], spec["seed"])
     tr = spec["train"]
-    train, valid = _training_data(spec["data"], tokenizer, tr["max_length"])
-    res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=tr["epochs"], lr=tr["lr"],
+    train, valid = _training_data(spec["data"], tokenizer, tr["max_length"], task)
+    epochs = tr["epochs"] if spec["data"] == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
+    res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
                           batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}")
     save_model(model, tokenizer, out)
     write_json(out/"train_log.json", {"train_seconds": res["train_seconds"], "log_history": res["log_history"]})
 
+# %% ../nbs/00d_models.ipynb #m001
+def task_fingerprint(task: Task) -> dict:
+    "What identifies a task's data in a cache key: its description (files by name) and a hash of each of its files."
+    d = {k: getattr(task, k) for k in TASK_FIELDS}
+    files = {k: file_hash(v) for k, v in d.items() if k.endswith("_file") and v and Path(v).is_file()}
+    return {**{k: Path(v).name if k in files else v for k, v in d.items()}, "files": files, "seed": task.seed}
+
 # %% ../nbs/00d_models.ipynb #c035
-def workbench_path(name: str, root=None) -> Path:
-    "Folder of workbench model `name` (`base`, `teacher`), built on first use and cached under `root`."
+def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
+    "Folder of workbench model `name` (`base`, `teacher`), built on first use and cached under `root`; a teacher of `task`'s data."
     spec = model_spec(name)
-    return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root), root)
+    if task is not None and not task.builtin and spec["data"] == "tones": spec = {**spec, "data": {"task": task_fingerprint(task), "min_steps": TASK_TEACHER_STEPS}}
+    return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root, task), root)
 
 # %% ../nbs/00d_models.ipynb #c036
 def build_workbench(root=None) -> dict:
@@ -190,7 +202,7 @@ def resolve_model(name_or_path) -> str | Path:
     "A workbench name → its built folder; a folder → checked folder; anything else is a hub id."
     s = str(name_or_path)
     if s == WORKBENCH_PREFIX + "tokenizer": return build_tokenizer()
-    if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])
+    if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])  # the tones' teacher: see task_model
     p = Path(s).expanduser()
     if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
     if p.is_dir(): return _check_model_dir(p)
@@ -214,6 +226,13 @@ def load_model(name_or_path="workbench:base", dtype=torch.float32, device: str |
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
     if device: model.to(device)
     return model.eval()
+
+# %% ../nbs/00d_models.ipynb #m011
+def task_model(name_or_path, task: Task | None = None):
+    "What a model name means for `task`: `workbench:teacher` becomes the workbench teacher of the task's data; anything else itself."
+    if str(name_or_path) == WORKBENCH_PREFIX + "teacher" and task is not None and not task.builtin:
+        return workbench_path("teacher", task=task)
+    return name_or_path
 
 # %% ../nbs/00d_models.ipynb #c049
 def load_base(base, quantize_4bit: bool = False):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .core import SlmopsError, atomic_write_text, check_profile, env_report, new_run_dir, read_json, to_jsonable, write_json
-from .data import TASK_FIELDS, Task
+from .data import TASK_FIELDS, Task, task_from_params
 from .measure import Timer
 
 # %% auto #0
@@ -131,10 +131,10 @@ def resolve_user_paths(params: dict, cwd=None) -> dict:
 
 # %% ../nbs/00l_runner.ipynb #c009e
 def check_data(params: dict) -> Task | None:
-    "The task the data parameters describe, read and checked (None when no data parameter is set)."
+    "The task the data parameters (or `task_file`) describe, read and checked; None when none is set."
     given = {k: params[k] for k in TASK_FIELDS if k in params}
-    if not given: return None
-    task = Task(**given, seed=params.get("seed", 0))
+    if not given and not params.get("task_file"): return None
+    task = task_from_params(params.get("task_file", ""), params.get("seed", 0), **given)
     task.splits()
     return task
 
@@ -263,7 +263,7 @@ def write_summary(run: Path, summary: dict):
     atomic_write_text(run/"report.md", render_report(to_jsonable(summary)))
 
 # %% ../nbs/00l_runner.ipynb #r050
-HEADLINE_WORDS = ("accuracy", "retention", "ratio", "speedup")  # metrics shown first in the summary table
+HEADLINE_WORDS = ("accuracy", "chrf", "retention", "ratio", "speedup")  # metrics shown first in the summary table
 
 # %% ../nbs/00l_runner.ipynb #r051
 def summary_table(summary: dict, width: int = 4) -> str:

@@ -193,8 +193,8 @@ class ServerProcess:
 
 # %% ../nbs/00i_serve.ipynb #c022
 def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int = 8, api_key: str | None = None,
-              max_tokens: int = 8, expected: dict | None = None, pid: int | None = None) -> dict:
-    "`requests` chat completions through the `openai` client, `concurrency` in flight; latency, errors, wrong answers, server RSS."
+              max_tokens: int = 8, expected: dict | None = None, pid: int | None = None, system: str | None = None) -> dict:
+    "`requests` chat completions (`system`, then a prompt) through the `openai` client, `concurrency` in flight; latency, errors, wrong answers, server RSS."
     import threading
     from concurrent.futures import ThreadPoolExecutor
     import psutil
@@ -210,7 +210,8 @@ def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int
         with lock: state["in_flight"] += 1; state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
         t0 = time.perf_counter()
         try:
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+            messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
+            r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
             answer, error = r.choices[0].message.content, None
         except Exception as e: answer, error = None, f"{type(e).__name__}: {e}"
         finally:

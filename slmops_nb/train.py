@@ -14,11 +14,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .core import SlmopsError
-from .data import chat_text
+from .data import DataError, Task, chat_text
 from .measure import Timer
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_chats', 'chat_examples', 'PadCollator', 'EpochLogger', 'overfitting_points',
+__all__ = ['encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'EpochLogger', 'overfitting_points',
            'OverfittingWarning', 'training_defaults', 'run_trainer', 'train_causal_lm', 'class_weights',
            'weighted_examples', 'WeightedLossTrainer']
 
@@ -29,20 +29,25 @@ def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> list[dic
     return [{"input_ids": x, "labels": list(x)} for x in ids if len(x) > 1]
 
 # %% ../nbs/00e_train.ipynb #c007
-def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int = 128, completion_only: bool = True) -> list[dict]:
-    "Chat examples from (user, assistant) pairs; with `completion_only`, only the answer is learned."
+def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int | None = 128, completion_only: bool = True,
+                 system: str | None = None) -> list[dict]:
+    "Chat examples from (user, assistant) pairs after `system`, cut at `max_length`; with `completion_only`, only the answer is learned."
     out = []
     for user, answer in pairs:
-        prompt = tokenizer(chat_text(tokenizer, user), add_special_tokens=False)["input_ids"]
-        full = tokenizer(chat_text(tokenizer, user, answer), add_special_tokens=False)["input_ids"][:max_length]
+        prompt = tokenizer(chat_text(tokenizer, user, system=system), add_special_tokens=False)["input_ids"]
+        full = tokenizer(chat_text(tokenizer, user, answer, system), add_special_tokens=False)["input_ids"][:max_length]
         k = min(len(prompt), len(full)) if completion_only else 0
         out.append({"input_ids": full, "labels": [-100] * k + full[k:]})
     return out
 
 # %% ../nbs/00e_train.ipynb #c010
-def chat_examples(tokenizer, records: list[dict], input_column: str, label_column: str, max_length: int = 64) -> list[dict]:
-    "Tokenized chats of `records` (the input column asks, the label column answers), loss on the answer only."
-    return encode_chats(tokenizer, [(r[input_column], str(r[label_column])) for r in records], max_length)
+def task_examples(tokenizer, task: Task, records: list[dict], max_length: int = 64) -> list[dict]:
+    "Tokenized chats of `records` as `task` asks them, loss on the answer only; refused when `max_length` would cut an answer."
+    examples = encode_chats(tokenizer, [(task.prompt(r), task.answer(r)) for r in records], None, system=task.system_prompt or None)
+    long = [len(e["input_ids"]) for e in examples if len(e["input_ids"]) > max_length]
+    if long: raise DataError(f"{len(long)} of {len(examples)} examples take more than max_length={max_length} tokens (the longest "
+                             f"{max(long)}): their answers would be cut. Set max_length to {max(long)} or more, or shorten them.")
+    return examples
 
 # %% ../nbs/00e_train.ipynb #c012
 class PadCollator:

@@ -42,3 +42,23 @@ def qwen_dir(tmp_path_factory) -> Path:
     "A tiny random-initialised Qwen2 folder with a ChatML tokenizer (pad <|endoftext|> = 0, eos <|im_end|> = 2)."
     from slmops_nb.models import tiny_model
     return tiny_model(tmp_path_factory.mktemp("models")/"qwen2-chatml")
+
+
+ONES = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen",
+        "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def _words(n: int) -> str:
+    if n < 20: return ONES[n]
+    if n < 100: return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
+    return ONES[n // 100] + " hundred" + (" and " + _words(n % 100) if n % 100 else "")
+
+
+@pytest.fixture(scope="session")
+def numbers_jsonl(tmp_path_factory) -> Path:
+    "A user's own generation data in the source material's format: JSONL records of input and output (numbers in words)."
+    import json
+    path = tmp_path_factory.mktemp("numbers")/"numbers.jsonl"
+    path.write_text("".join(json.dumps({"input": f"Write {n} in words.", "output": _words(n)}) + "\n" for n in range(1, 200)))
+    return path

@@ -107,7 +107,7 @@ def test_task_never_mixes_the_builtin_data_with_yours(intents_csv):
     splits = task.splits()
     assert {s: len(r) for s, r in splits.items()} == {"train": 88, "validation": 16, "test": 16}  # 30 a label: 22 + 4 + 4
     assert all(set(r) == {"id", "utterance", "intent"} for rs in splits.values() for r in rs)
-    assert task.labels == ["book_flight", "book_hotel", "play_music", "set_alarm"]
+    assert task.classes == ["book_flight", "book_hotel", "play_music", "set_alarm"]
     ids = [r["id"] for rs in splits.values() for r in rs]
     assert len(ids) == len(set(ids)) == 120  # every record in one split only
     assert Task(str(intents_csv), test_file=str(intents_csv), input_column="utterance", label_column="intent").splits()["test"] \

@@ -97,7 +97,7 @@ def test_endpoint_teacher_synthesizes_through_slmops_serve(genai_dir, tmp_path):
     "Chapter 02's stage 1 with an OpenAI-compatible endpoint (slmops serve) as the teacher."
     with ServerProcess(genai_dir, log=tmp_path/"serve.log") as s:
         answers = endpoint_answers(s.base_url, [r["phrase"] for r in tone_split("test")[:10]])
-    syn = synthesize(answers, tmp_path, labels=SENTIMENTS)
+    syn = synthesize(answers, tmp_path, Task(labels=SENTIMENTS))
     assert syn["total"] == 10 and syn["kept"] > 0 and (tmp_path/"synthetic.jsonl").exists()
     assert {r["tone"] for r in syn["records"]} <= set(SENTIMENTS)
 
@@ -164,7 +164,7 @@ def test_chapter04_takes_the_task_chapter03_trained_on(tmp_path, intents_csv):
     intents = Task(str(intents_csv), input_column="utterance", label_column="intent")
     ch = _chapter03(tmp_path/"run"/"03_finetuning", intents)
     assert finetuned_models(ch)["task"] == intents
-    assert finetuned_models(ch, task=intents)["task"].labels == intents.labels
+    assert finetuned_models(ch, task=intents)["task"].classes == intents.classes
     with pytest.raises(SlmopsError, match="Chapter 03 in .* fine-tuned on Task.*intents.csv.*pass the same data parameters"):
         finetuned_models(ch, task=Task(str(intents_csv), input_column="utterance", label_column="intent", seed=1))
     assert finetuned_models(_chapter03(tmp_path/"old"/"03_finetuning"))["task"] == Task()  # a run whose chapter 03 recorded no task

@@ -9,7 +9,7 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import DataError, Task, tone_split, write_jsonl
-from slmops_nb.train import WeightedLossTrainer, chat_examples, class_weights, overfitting_points, weighted_examples
+from slmops_nb.train import WeightedLossTrainer, class_weights, overfitting_points, task_examples, weighted_examples
 from slmops_nb.adapt import check_lora, finetune, prepare_model, trainable_parameters
 from slmops_nb.finetune import check_methods
 from slmops_nb.train import PadCollator, encode_chats, training_defaults
@@ -81,7 +81,7 @@ def test_weighted_loss_takes_labels_that_start_alike(tok, qwen_dir, labels):
     for folder in ("workbench:base", qwen_dir):
         t, model = load_tokenizer(folder), prepare_model("full", folder)
         records = [{"text": f"example {i}", "label": labels[i % 2]} for i in range(8)]
-        ex = chat_examples(t, records, "text", "label")
+        ex = task_examples(t, Task("x.jsonl", input_column="text", label_column="label"), records)
         args = TrainingArguments(output_dir="/tmp/slmops-test-wl", **training_defaults())
         plain = model(**PadCollator(t.pad_token_id)(ex)).loss.item()
         trainer = WeightedLossTrainer(model=model, args=args)

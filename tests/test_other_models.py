@@ -8,10 +8,10 @@ from openai import OpenAI
 from transformers import GenerationConfig
 
 from slmops_nb.core import SlmopsError, read_json
-from slmops_nb.data import tone_split
+from slmops_nb.data import Task, tone_split
 from slmops_nb.export import build_direct
 from slmops_nb.runtimes import GenAIModel
-from slmops_nb.train import chat_examples
+from slmops_nb.train import task_examples
 from slmops_nb.adapt import finetune
 from slmops_nb.serve import ServerProcess
 from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids
@@ -25,7 +25,7 @@ def chatml_deployed(qwen_dir, tmp_path_factory):
     "The tiny ChatML model taught to answer a tone and end its turn, saved with save_model and converted to fp32."
     tmp = tmp_path_factory.mktemp("chatml")
     tok = load_tokenizer(qwen_dir)
-    ex = chat_examples(tok, tone_split("train")[:96], "phrase", "tone")
+    ex = task_examples(tok, Task(), tone_split("train")[:96])
     res = finetune("full", qwen_dir, tok, ex, ex[:16], tmp/"ft", epochs=12, lr=3e-3, batch_size=16)
     save_model(res["model"], tok, tmp/"merged")
     return {"merged": tmp/"merged", "ort": build_direct(tmp/"merged", tmp/"ort_fp32", "fp32"), "tok": tok}

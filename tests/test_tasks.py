@@ -1,0 +1,87 @@
+"""Your task, your model: every chapter on a task file, on a generation task, and on a base model of another architecture."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from slmops_nb.data import Task, load_task, task_from_params
+
+ROOT = Path(__file__).resolve().parent.parent
+SLMOPS = str(Path(sys.executable).parent/"slmops")
+CHAPTERS = ("01_introduction", "02_distillation", "03_finetuning", "04_deployment")
+
+
+def slmops(*args, **kw):
+    return subprocess.run([SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def _metrics(out) -> dict:
+    return {ch: json.loads((out/ch/"metrics.json").read_text()) for ch in CHAPTERS}
+
+
+def test_a_task_file_is_the_same_task_as_the_data_parameters(tmp_path, intents_csv):
+    (tmp_path/"intents.csv").write_bytes(intents_csv.read_bytes())
+    (tmp_path/"intents.yaml").write_text("train_file: intents.csv\ninput_column: utterance\nlabel_column: intent\n")
+    assert load_task(tmp_path/"intents.yaml") == Task(str(tmp_path/"intents.csv"), input_column="utterance", label_column="intent")
+    assert task_from_params(str(tmp_path/"intents.yaml")).classes == ["book_flight", "book_hotel", "play_music", "set_alarm"]
+
+
+def test_every_chapter_through_a_task_file(tmp_path, intents_csv):
+    "slmops run -p task_file=intents.yaml: the whole workbook on the user's task; every chapter's metrics name it."
+    (tmp_path/"data").mkdir(); (tmp_path/"data"/"intents.csv").write_bytes(intents_csv.read_bytes())
+    (tmp_path/"intents.yaml").write_text("# my task\ntrain_file: data/intents.csv\ninput_column: utterance\nlabel_column: intent\n")
+    out = tmp_path/"run"
+    r = slmops("run", "--profile", "smoke", "-p", "task_file=intents.yaml", "-p", "methods=['lora', 'olive_lora']",
+               "--out", out, "--no-progress", "--nbs", ROOT/"nbs", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(out)
+    labels = ["book_flight", "book_hotel", "play_music", "set_alarm"]
+    for ch in CHAPTERS:
+        assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"intents.csv") and m[ch]["task"]["classes"] == labels, ch
+    assert m["02_distillation"]["metric"] == "accuracy" and "student_seq_kd_accuracy" in m["02_distillation"]
+    assert set(m["03_finetuning"]["methods"]) == {"lora", "olive_lora"}
+    assert all("accuracy" in v for v in m["04_deployment"]["variants"].values())
+
+
+def test_every_chapter_on_a_generation_task(tmp_path, numbers_jsonl):
+    "A JSONL of input/output records and kind=generation: students, methods and variants scored by chrF and ROUGE-L."
+    out = tmp_path/"run"
+    r = slmops("run", "--profile", "smoke", "-p", f"train_file={numbers_jsonl}", "-p", "input_column=input",
+               "-p", "label_column=output", "-p", "kind=generation", "-p", "methods=['lora', 'qlora']", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(out)
+    assert all(m[ch]["task"]["kind"] == "generation" and m[ch]["task"]["classes"] == [] for ch in CHAPTERS)
+    assert "chrf" in m["01_introduction"]["teacher_test_scores"] and m["02_distillation"]["metric"] == "chrf"
+    assert {"teacher_chrf", "student_seq_kd_chrf", "retention"} <= set(m["02_distillation"])
+    for name, s in m["03_finetuning"]["methods"].items():
+        assert {"exact_match", "chrf", "bleu", "rougeL", "perplexity"} <= set(s) and 0 <= s["chrf"] <= 100, name
+    for name, v in m["04_deployment"]["variants"].items():
+        assert {"chrf", "rougeL", "tokens_per_second"} <= set(v), name
+    assert any("chrf within 1 point of fp32" in k for k in m["04_deployment"]["checklist"])
+    synthetic = [json.loads(l) for l in (out/"02_distillation"/"synthetic.jsonl").read_text().splitlines()]
+    assert synthetic and {"input", "output", "confidence"} <= set(synthetic[0])
+
+
+def test_every_chapter_on_a_qwen2_base(tmp_path, qwen_dir):
+    "A base of another architecture and chat format (Qwen2, ChatML): every step of every chapter runs (accuracy aside)."
+    out = tmp_path/"run"
+    r = slmops("run", "--profile", "smoke", "-p", f"base_model={qwen_dir}", "-p", "methods=['lora', 'qlora', 'olive_lora']",
+               "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(out)
+    assert m["01_introduction"]["base_model"] == str(qwen_dir) and m["03_finetuning"]["base_model"] == str(qwen_dir)
+    assert m["04_deployment"]["foundry_local"]["loaded"] and m["04_deployment"]["server"]["errors"] == 0
+    assert json.loads((out/"03_finetuning"/"merged"/"config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_a_bad_task_file_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path/"run"; out.mkdir(); (out/"keep.txt").write_text("earlier results")
+    (tmp_path/"bad.yaml").write_text("train_file: missing.csv\ninput_colum: text\n")
+    r = slmops("run", "-p", f"task_file={tmp_path/'bad.yaml'}", "--out", out)
+    assert r.returncode == 2 and "unknown key(s) ['input_colum']" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path/"bad.yaml").write_text("train_file: missing.csv\n")
+    r = slmops("run", "-p", f"task_file={tmp_path/'bad.yaml'}", "--out", out)
+    assert r.returncode == 2 and f"{tmp_path/'missing.csv'}: file not found" in r.stderr, r.stderr
+    r = slmops("run", "-p", f"task_file={tmp_path/'bad.yaml'}", "-p", "label_column=intent", "--out", out)
+    assert r.returncode == 2 and "both set" in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
