@@ -23,8 +23,8 @@ from .core import SlmopsError, atomic_write_text
 # %% auto #0
 __all__ = ['TONES', 'TONE_TEMPLATE', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'TASK_KINDS', 'TASK_FIELDS',
            'BUILTIN_TASKS', 'DataError', 'stratified_split', 'write_jsonl', 'load_records', 'template_fields',
-           'render_template', 'chat_messages', 'chat_text', 'workbench_records', 'tone_split', 'instruction_split',
-           'Task', 'load_task', 'task_from_params']
+           'render_template', 'chat_messages', 'render_chat', 'chat_text', 'workbench_records', 'tone_split',
+           'instruction_split', 'Task', 'load_task', 'task_from_params']
 
 # %% ../nbs/00b_data.ipynb #c005
 class DataError(SlmopsError):
@@ -122,10 +122,10 @@ def _looks_like_hub_id(s: str) -> bool:
 
 # %% ../nbs/00b_data.ipynb #c023
 def load_records(source, split: str = "train", columns=None) -> list[dict]:
-    "Records from a .json/.jsonl/.csv file or a hub data set name; check `columns` exist."
+    "Records from a .json/.jsonl/.csv file, or the `split` of a hub data set or a data set folder; check `columns` exist."
     path = Path(str(source)).expanduser()
-    if path.exists():
-        if path.is_dir(): raise DataError(f"{path}: is a folder; give a .json, .jsonl or .csv file.")
+    if path.is_dir(): records, where = _load_hub(str(path), split), f"data set folder {path} ({split})"
+    elif path.exists():
         reader = _READERS.get(path.suffix.lower())
         if reader is None: raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .csv.")
         records, where = reader(path), str(path)
@@ -143,12 +143,14 @@ def load_records(source, split: str = "train", columns=None) -> list[dict]:
 
 # %% ../nbs/00b_data.ipynb #c025
 def _load_hub(name: str, split: str) -> list[dict]:
+    "A split of a hub data set, or of a local folder (written by `save_to_disk`, or data files such as train.csv and test.csv)."
     try:
         import datasets
+        if (Path(name)/"dataset_dict.json").exists(): return [dict(r) for r in datasets.load_from_disk(name)[split]]
         return [dict(r) for r in datasets.load_dataset(name, split=split)]
     except Exception as e:
-        raise DataError(f"hub data set {name!r} ({split}) could not be loaded: {type(e).__name__}: {e}. "
-                        "Offline, give a local .json/.jsonl/.csv file instead.") from e
+        raise DataError(f"data set {name!r} ({split}) could not be loaded: {type(e).__name__}: {e}. "
+                        "Offline, give a local .json/.jsonl/.csv file or data set folder instead.") from e
 
 # %% ../nbs/00b_data.ipynb #c028
 def template_fields(template: str) -> list[str]:
@@ -176,12 +178,21 @@ def chat_messages(user: str, assistant: str | None = None, system: str | None = 
     return msgs
 
 # %% ../nbs/00b_data.ipynb #c035
-def chat_text(tokenizer, user: str, assistant: str | None = None, system: str | None = None) -> str:
-    "The model's chat template applied to one exchange; without `assistant`, a generation prompt."
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    "`messages` through the tokenizer's chat template; a system message its template refuses (Gemma's) opens the first user message."
     if not getattr(tokenizer, "chat_template", None):
         raise SlmopsError(f"Tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use a text template instead.")
-    return tokenizer.apply_chat_template(chat_messages(user, assistant, system), tokenize=False,
-                                         add_generation_prompt=assistant is None)
+    from jinja2.exceptions import TemplateError
+    try: return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError:
+        if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user": raise
+        system, user, *rest = messages
+        folded = [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+        return tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+def chat_text(tokenizer, user: str, assistant: str | None = None, system: str | None = None) -> str:
+    "The model's chat template applied to one exchange; without `assistant`, a generation prompt."
+    return render_chat(tokenizer, chat_messages(user, assistant, system), add_generation_prompt=assistant is None)
 
 # %% ../nbs/00b_data.ipynb #c038
 def workbench_records(name: str) -> list[dict]:

@@ -18,7 +18,7 @@ from .adapt import finetune, merge_adapter
 from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
 from .core import SlmopsError, atomic_dir, read_json, write_json
 from .data import Task
-from .models import load_tokenizer, resolve_model
+from .models import load_tokenizer, resolve_model, task_model
 from .runtimes import GENAI_FILES, check_genai_folder
 from .tools import olive_run_config, run_olive, run_tool
 from .train import task_examples
@@ -39,7 +39,7 @@ EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"d
 # %% ../nbs/04_deployment.ipynb #c56c7303
 def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, epochs: float = 5, qa_epochs: float = 2,
                      train_limit: int | None = None) -> dict:
-    "The run's merged model, task and qa adapters and their task, from the manifest; trained into `chapter_out/finetuned` if missing."
+    "The run's merged model, task and qa adapters, their task and base, from the manifest; trained into `chapter_out/finetuned` if missing."
     names = ("merged_model", "task_adapter", "qa_adapter")
     found = {n: find_artifact(chapter_out, n) for n in names}
     if all(found.values()):
@@ -49,8 +49,10 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
             made_by = artifact_record(chapter_out, "merged_model")["chapter"]
             raise SlmopsError(f"Chapter {made_by[:2]} in {run_folder(chapter_out)} fine-tuned on {made}, but this chapter was asked "
                               f"to use {task}: pass the same data parameters to both chapters, or set model_dir to the model you mean.")
-        return {**found, "task": made}
-    task, out, tok = task or Task(), Path(chapter_out)/"finetuned", load_tokenizer(base)
+        return {**found, "task": made, "base": artifact_record(chapter_out, "task_adapter").get("base_model", base)}
+    task, out = task or Task(), Path(chapter_out)/"finetuned"
+    base = task_model(base, task)  # workbench:base for your task: the base after it read your task's inputs
+    tok = load_tokenizer(base)
     data = task.splits()
     ex = {s: task_examples(tok, task, data[s][:train_limit]) for s in ("train", "validation")}
     finetune("lora", base, tok, ex["train"], ex["validation"], out/"task", epochs=epochs, dropout=0.0)
@@ -61,7 +63,7 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
     write_json(out/"task.json", task.describe())
     made = {"merged_model": out/"merged", "task_adapter": out/"task"/"model", "qa_adapter": out/"qa"/"model", "task": out/"task.json"}
     for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base))
-    return {**{n: made[n] for n in names}, "task": task}
+    return {**{n: made[n] for n in names}, "task": task, "base": str(base)}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ from .train import encode_texts, task_examples, train_causal_lm
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER_STEPS',
-           'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHATML_TEMPLATE', 'TINY_ARCH', 'pretraining_texts', 'base_texts',
-           'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'end_of_turn_id', 'stop_token_ids',
-           'save_model', 'model_spec', 'new_model', 'task_fingerprint', 'workbench_path', 'build_workbench',
-           'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
+           'TASK_BASE', 'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES',
+           'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer',
+           'end_of_turn_id', 'stop_token_ids', 'save_model', 'model_spec', 'new_model', 'task_texts',
+           'task_fingerprint', 'task_spec', 'workbench_path', 'build_workbench', 'resolve_model', 'load_tokenizer',
+           'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -128,6 +130,7 @@ MODEL_SPECS = {
 }
 
 TASK_TEACHER_STEPS = 300  # a teacher of a small task trains for this many steps at least (more epochs over its few examples)
+TASK_BASE = {"epochs": 3, "max_steps": 100, "lr": 5e-4, "batch_size": 32, "max_length": 96}  # the base reads a task's texts on
 STUDENT_ARCH = _llama(64, 2, 2, 1, 256)  # distillation's student: built by chapter 02, several times smaller
 
 # %% ../nbs/00d_models.ipynb #c029
@@ -145,8 +148,16 @@ def new_model(tokenizer, arch: dict, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 # %% ../nbs/00d_models.ipynb #c033
+def task_texts(task: Task) -> list[str]:
+    "What the base reads of a task, so that its pretraining text follows the task: the prompts of its unlabeled pool, no answers."
+    return [task.prompt(r) for r in task.unlabeled()]
+
 def _training_data(data, tokenizer, max_length: int, task: Task | None):
     if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
+    if "continued" in data:  # the task's texts and as many of the base's own (it keeps the chat format it knows)
+        texts = task_texts(task)
+        own = random.Random(0).sample(base_texts(), min(len(texts), len(base_texts())))
+        return encode_texts(tokenizer, texts + own, max_length), None
     task = task or Task()
     if data != "tones": max_length = MODEL_SPECS["teacher"]["arch"]["max_position_embeddings"]  # another task: its answers whole
     return tuple(task_examples(tokenizer, task, task.splits()[s], max_length) for s in ("train", "validation"))
@@ -154,10 +165,13 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None):
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
-    model = new_model(tokenizer, spec["arch"], spec["seed"])
-    tr = spec["train"]
-    train, valid = _training_data(spec["data"], tokenizer, tr["max_length"], task)
-    epochs = tr["epochs"] if spec["data"] == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
+    data, tr = spec["data"], spec["train"]
+    if "continued" in data:  # a task's base: the workbench base, reading on
+        model, tr = AutoModelForCausalLM.from_pretrained(workbench_path("base", root)), data["continued"]
+    else: model = new_model(tokenizer, spec["arch"], spec["seed"])
+    train, valid = _training_data(data, tokenizer, tr["max_length"], task)
+    if "continued" in data: epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
+    else: epochs = tr["epochs"] if data == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
     res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
                           batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}")
     save_model(model, tokenizer, out)
@@ -171,10 +185,16 @@ def task_fingerprint(task: Task) -> dict:
     return {**{k: Path(v).name if k in files else v for k, v in d.items()}, "files": files, "seed": task.seed}
 
 # %% ../nbs/00d_models.ipynb #c035
-def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
-    "Folder of workbench model `name` (`base`, `teacher`), built on first use and cached under `root`; a teacher of `task`'s data."
+def task_spec(name: str, task: Task | None = None) -> dict:
+    "What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its texts."
     spec = model_spec(name)
-    if task is not None and not task.builtin and spec["data"] == "tones": spec = {**spec, "data": {"task": task_fingerprint(task), "min_steps": TASK_TEACHER_STEPS}}
+    if task is None or task.builtin: return spec
+    if name == "teacher": return {**spec, "data": {"task": task_fingerprint(task), "min_steps": TASK_TEACHER_STEPS}}
+    return {**spec, "data": {"task": task_fingerprint(task), "continued": TASK_BASE}}
+
+def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
+    "Folder of workbench model `name` (`base`, `teacher`) for `task` (default the tones), built on first use and cached under `root`."
+    spec = task_spec(name, task)
     return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root, task), root)
 
 # %% ../nbs/00d_models.ipynb #c036
@@ -229,10 +249,10 @@ def load_model(name_or_path="workbench:base", dtype=torch.float32, device: str |
 
 # %% ../nbs/00d_models.ipynb #m011
 def task_model(name_or_path, task: Task | None = None):
-    "What a model name means for `task`: `workbench:teacher` becomes the workbench teacher of the task's data; anything else itself."
-    if str(name_or_path) == WORKBENCH_PREFIX + "teacher" and task is not None and not task.builtin:
-        return workbench_path("teacher", task=task)
-    return name_or_path
+    "What a model name means for `task`: a workbench name becomes that workbench model built for the task's data; anything else itself."
+    name = str(name_or_path)
+    if task is None or task.builtin or not name.startswith(WORKBENCH_PREFIX) or name == WORKBENCH_PREFIX + "tokenizer": return name_or_path
+    return workbench_path(name[len(WORKBENCH_PREFIX):], task=task)
 
 # %% ../nbs/00d_models.ipynb #c049
 def load_base(base, quantize_4bit: bool = False):
@@ -248,21 +268,41 @@ def load_base(base, quantize_4bit: bool = False):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 # %% ../nbs/00d_models.ipynb #c052
-CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_FORMATS = {  # a family's chat template, special tokens (first ids) and which of them are bos / eos / pad / unk
+    "chatml": {"template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+               "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+               "tokens": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}},
+    "phi3": {"template": "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+             "special": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+             "tokens": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}},
+    "gemma": {"template": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                          "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+                          "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+              "special": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+              "tokens": {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}}}
 
 TINY_ARCH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                  max_position_embeddings=256, tie_word_embeddings=False)
+TINY_FAMILIES = {  # model type: its chat format and what its config needs besides TINY_ARCH
+    "qwen2": ("chatml", {}),
+    "phi3": ("phi3", {"original_max_position_embeddings": 256}),  # equal to the context: Phi-3-mini-4k's RoPE, not LongRoPE
+    "gemma": ("gemma", {"head_dim": 16}),  # Gemma's config defaults to head_dim 256
+}
 
 # %% ../nbs/00d_models.ipynb #c053
 def tiny_model(out, model_type: str = "qwen2", vocab_size: int = 512, seed: int = 0, **arch) -> Path:
-    "Save a random-initialised `model_type` causal LM with a ChatML BPE tokenizer into `out` (a hub model's shape, offline)."
-    bpe = train_bpe(tokenizer_corpus()[:3000], vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=CHATML_TEMPLATE, model_max_length=256)
+    "Save a random-initialised `model_type` causal LM (one of TINY_FAMILIES) with a BPE tokenizer in its family's chat format into `out`."
+    if model_type not in TINY_FAMILIES: raise SlmopsError(f"tiny_model builds {', '.join(TINY_FAMILIES)}, not {model_type!r}.")
+    fmt, needs = TINY_FAMILIES[model_type]
+    fmt = CHAT_FORMATS[fmt]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(tokenizer_corpus()[:3000], vocab_size, fmt["special"]),
+                                  chat_template=fmt["template"], model_max_length=256, **fmt["tokens"])
     seed_everything(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                               **{**TINY_ARCH, **arch})
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **{**TINY_ARCH, **needs, **arch})
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

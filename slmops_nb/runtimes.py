@@ -14,7 +14,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from .core import SlmopsError, atomic_dir, read_json, write_json
-from .data import Task, chat_text
+from .data import Task, chat_text, render_chat
 from .evaluate import answer_budget, normalize_label, task_predictions
 from .models import load_model, load_tokenizer, stop_token_ids
 
@@ -32,7 +32,7 @@ class ChatModel:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         "Token ids of `messages` rendered by the chat template, ready for the answer."
         if self.chat_tokenizer is None: raise SlmopsError(f"{self.name}: no model loaded, so no chat template to render.")
-        return list(self.chat_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        return self.chat_tokenizer(render_chat(self.chat_tokenizer, messages, True), add_special_tokens=False)["input_ids"]
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, **kw): raise NotImplementedError
 
@@ -133,7 +133,7 @@ class GenAIModel(ChatModel):
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         "Token ids of `messages` rendered by the chat template, ready for the answer."
-        text = self.chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(self.chat_tokenizer, messages, True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None):
@@ -148,7 +148,13 @@ class GenAIModel(ChatModel):
                                   min_length=len(ids) + max_new_tokens if ignore_eos else 0)
         gen = self.og.Generator(self.model, params)
         if adapter is not None: gen.set_active_adapter(self.adapters, adapter)
-        gen.append_tokens(ids)
+        try: gen.append_tokens(ids)
+        except RuntimeError as e:
+            if adapter is None and "/lora_A/" in str(e) and "MatMulNBits" in str(e):
+                raise SlmopsError(f"{self.folder}: this int4 model holds quantized LoRA inputs, and ONNX Runtime GenAI 0.14.1 cannot "
+                                  "run them empty: pass adapter=<a loaded adapter's name>, or export the base at fp32 to switch "
+                                  "adapters on and off (chapter 04 does).") from e
+            raise
         decoder = self.tokenizer.create_stream()
         while not gen.is_done():
             gen.generate_next_token()
@@ -170,10 +176,12 @@ class GenAIModel(ChatModel):
 
 # %% ../nbs/00g_runtimes.ipynb #c018
 def prompt_template(tokenizer) -> dict:
-    "Foundry Local's PromptTemplate from a tokenizer's chat template: `{Content}` marks where each message goes."
-    def render(role, gen=False):
-        return tokenizer.apply_chat_template([{"role": role, "content": "{Content}"}], tokenize=False, add_generation_prompt=gen)
-    return {"system": render("system"), "user": render("user"), "assistant": "{Content}", "prompt": render("user", True)}
+    "Foundry Local's PromptTemplate from a tokenizer's chat template: `{Content}` marks where each message goes (no system part where the template has no system role)."
+    from jinja2.exceptions import TemplateError
+    def render(role, gen=False): return render_chat(tokenizer, [{"role": role, "content": "{Content}"}], gen)
+    try: system = render("system")
+    except TemplateError: system = ""
+    return {"system": system, "user": render("user"), "assistant": "{Content}", "prompt": render("user", True)}
 
 # %% ../nbs/00g_runtimes.ipynb #c020
 def foundry_model_folder(genai_folder, out, name: str) -> Path:

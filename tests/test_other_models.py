@@ -1,4 +1,5 @@
-"""A model of another architecture and chat format (Qwen2, ChatML) through the whole path: stop tokens, conversion, serving."""
+"""Models of other architectures and chat formats (Qwen2 with ChatML, Phi-3, Gemma) through the whole path: stop tokens,
+fine-tuning, merging, conversion, Foundry Local, serving."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +9,13 @@ from openai import OpenAI
 from transformers import GenerationConfig
 
 from slmops_nb.core import SlmopsError, read_json
-from slmops_nb.data import Task, tone_split
-from slmops_nb.export import build_direct
-from slmops_nb.runtimes import GenAIModel
+from slmops_nb.data import TONES, Task, tone_split
+from slmops_nb.export import build_direct, exportable_adapter, olive_build
+from slmops_nb.runtimes import FoundryLocal, GenAIModel, TorchModel, foundry_model_folder
 from slmops_nb.train import task_examples
-from slmops_nb.adapt import finetune
+from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.serve import ServerProcess
-from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids
+from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids, tiny_model
 from slmops_nb.evaluate import logit_gap, next_token_logits
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -72,3 +73,45 @@ def test_slmops_export_then_serve_refuses_and_explains(qwen_dir, tmp_path):
     r = subprocess.run([SLMOPS, "export", qwen_dir, out, "--precision", "int4", "--tool", "builder"], capture_output=True, text=True)
     assert r.returncode == 0 and f"serve it: slmops serve {out}" in r.stdout, r.stdout + r.stderr[-2000:]
     assert GenAIModel(out).chat([{"role": "user", "content": "hi"}], 4) is not None
+
+
+FAMILIES = {"phi3": ("Phi3ForCausalLM", "<|end|>", "qkv_proj"), "gemma": ("GemmaForCausalLM", "<end_of_turn>", "q_proj")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_another_family_end_to_end(family, tmp_path):
+    "A tiny Phi-3 or Gemma folder, taught the chat: LoRA and QLoRA, merge, int4, Olive int4 with the adapter, Foundry Local, serving."
+    arch, turn_end, fused_or_not = FAMILIES[family]
+    base = tiny_model(tmp_path/family, family)
+    tok = load_tokenizer(base)
+    assert load_model(base).config.architectures == [arch] and tok.convert_tokens_to_ids(turn_end) in stop_token_ids(tok)
+    assert fused_or_not in lora_targets(base)  # Phi-3's fused qkv_proj, Gemma's q_proj: read from the model, not a list
+    ex = task_examples(tok, Task(), tone_split("train")[:96])
+    taught = finetune("full", base, tok, ex, ex[:16], tmp_path/"full", epochs=12, lr=3e-3, batch_size=16)  # a base that knows the chat
+    save_model(taught["model"], tok, tmp_path/"base")
+    base = tmp_path/"base"
+    lora = finetune("lora", base, tok, ex, ex[:16], tmp_path/"lora", epochs=2, lr=1e-3, batch_size=16, dropout=0.0)
+    qlora = finetune("qlora", base, tok, ex, ex[:16], tmp_path/"qlora", epochs=1, batch_size=16)
+    assert taught["best_eval_loss"] < 1.0 and lora["steps"] == 12 and qlora["steps"] == 6, (taught["best_eval_loss"], lora, qlora)
+    assert load_adapters(base, {"qlora": tmp_path/"qlora"/"model"}).active_adapter == "qlora"
+
+    merge_adapter(base, tmp_path/"lora"/"model", tok, tmp_path/"merged")
+    merged = tmp_path/"merged"
+    msgs = [[{"role": "user", "content": r["phrase"]}] for r in tone_split("train")[:4]]  # phrases it was taught
+    assert {TorchModel(merged).chat(m, 16) for m in msgs} <= set(TONES)  # the merged model answers in labels and ends its turn
+    int4 = build_direct(merged, tmp_path/"int4", "int4")
+    answers = [GenAIModel(int4).chat(m, 16) for m in msgs]  # int4 at hidden size 64 is lossy: these answers are compared, not checked
+
+    with_adapter = olive_build(base, tmp_path/"int4_adapter", "int4", adapter_path=exportable_adapter(tmp_path/"lora"/"model", tmp_path/"a"))
+    genai = GenAIModel(with_adapter).load_adapter("tones", with_adapter/"adapter_weights.onnx_adapter")
+    assert all(len(tok(genai.chat(m, 16, adapter="tones"))["input_ids"]) < 16 for m in msgs)  # with the adapter, it ends its turn
+    with pytest.raises(SlmopsError, match="cannot run them empty: pass adapter="): genai.chat(msgs[0], 4)
+
+    fl = FoundryLocal(tmp_path/"foundry")
+    fl.register(foundry_model_folder(int4, tmp_path/"fl"/family, family), f"tiny-{family}:1")
+    assert [fl.chat(m, 16) for m in msgs] == answers  # Foundry Local renders the prompt from our template: the same answers
+    fl.close()
+    with ServerProcess(int4) as server:
+        client = OpenAI(base_url=server.base_url, api_key="unused")
+        r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=16, messages=msgs[0])
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == answers[0], r

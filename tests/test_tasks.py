@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 from slmops_nb.data import Task, load_task, task_from_params
+from slmops_nb.core import artifact_info
+from slmops_nb.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -26,6 +28,20 @@ def test_a_task_file_is_the_same_task_as_the_data_parameters(tmp_path, intents_c
     assert task_from_params(str(tmp_path/"intents.yaml")).classes == ["book_flight", "book_hotel", "play_music", "set_alarm"]
 
 
+def test_a_task_reads_the_splits_of_a_data_set_folder(tmp_path, intents_csv):
+    "A folder in the hub's layout (a data file per split), read by `datasets` split by split, as a hub data set is."
+    import csv
+    rows = list(csv.DictReader(intents_csv.open()))
+    (tmp_path/"ds").mkdir()
+    for split, part in (("train", rows[::3] + rows[1::3]), ("validation", rows[2::6]), ("test", rows[5::6])):
+        with open(tmp_path/"ds"/f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["id", "utterance", "intent"]); w.writeheader(); w.writerows(part)
+    ds = str(tmp_path/"ds")
+    task = Task(ds, validation_file=ds, test_file=ds, input_column="utterance", label_column="intent")
+    assert {s: len(r) for s, r in task.splits().items()} == {"train": 80, "validation": 20, "test": 20}
+    assert [r["utterance"] for r in task.splits()["test"]] == [r["utterance"] for r in rows[5::6]]
+
+
 def test_every_chapter_through_a_task_file(tmp_path, intents_csv):
     "slmops run -p task_file=intents.yaml: the whole workbook on the user's task; every chapter's metrics name it."
     (tmp_path/"data").mkdir(); (tmp_path/"data"/"intents.csv").write_bytes(intents_csv.read_bytes())
@@ -40,6 +56,9 @@ def test_every_chapter_through_a_task_file(tmp_path, intents_csv):
         assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"intents.csv") and m[ch]["task"]["classes"] == labels, ch
     assert m["02_distillation"]["metric"] == "accuracy" and "student_seq_kd_accuracy" in m["02_distillation"]
     assert set(m["03_finetuning"]["methods"]) == {"lora", "olive_lora"}
+    base = Path(m["03_finetuning"]["base_model"])  # workbench:base, continued on the task's inputs: its own cached build
+    assert base.parent.name == "model-base" and base != resolve_model("workbench:base")
+    assert artifact_info(base)["spec"]["data"]["task"]["label_column"] == "intent"
     assert all("accuracy" in v for v in m["04_deployment"]["variants"].values())
 
 
