@@ -152,9 +152,11 @@ def task_texts(task: Task) -> list[str]:
     "What the base reads of a task, so that its pretraining text follows the task: the prompts of its unlabeled pool, no answers."
     return [task.prompt(r) for r in task.unlabeled()]
 
+def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data  # a task's base: the base, reading on
+
 def _training_data(data, tokenizer, max_length: int, task: Task | None):
     if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
-    if "continued" in data:  # the task's texts and as many of the base's own (it keeps the chat format it knows)
+    if _continued(data):  # the task's texts and as many of the base's own (it keeps the chat format it knows)
         texts = task_texts(task)
         own = random.Random(0).sample(base_texts(), min(len(texts), len(base_texts())))
         return encode_texts(tokenizer, texts + own, max_length), None
@@ -166,11 +168,11 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None):
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
-    if "continued" in data:  # a task's base: the workbench base, reading on
+    if _continued(data):
         model, tr = AutoModelForCausalLM.from_pretrained(workbench_path("base", root)), data["continued"]
     else: model = new_model(tokenizer, spec["arch"], spec["seed"])
     train, valid = _training_data(data, tokenizer, tr["max_length"], task)
-    if "continued" in data: epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
+    if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
     else: epochs = tr["epochs"] if data == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
     res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
                           batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}")
