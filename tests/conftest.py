@@ -38,6 +38,18 @@ def intents_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def intents_files(intents_csv) -> dict[str, Path]:
+    "The same intents as three CSV files: train, validation and test (rows 9 and 10 of every ten held out)."
+    import csv
+    rows = list(csv.DictReader(intents_csv.open()))
+    parts = {"train": [r for i, r in enumerate(rows) if i % 10 < 8], "validation": rows[8::10], "test": rows[9::10]}
+    for split, part in parts.items():
+        with open(intents_csv.with_name(f"intents_{split}.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, ["id", "utterance", "intent"]); w.writeheader(); w.writerows(part)
+    return {split: intents_csv.with_name(f"intents_{split}.csv") for split in parts}
+
+
+@pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory) -> Path:
     "A tiny random-initialised Qwen2 folder with a ChatML tokenizer (pad <|endoftext|> = 0, eos <|im_end|> = 2)."
     from slmops_nb.models import tiny_model

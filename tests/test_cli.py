@@ -8,6 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from slmops_nb.core import artifact_info
+from slmops_nb.models import resolve_model
 from slmops_nb.runner import list_chapters, notebooks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,17 +174,22 @@ def test_chapter02_distills_into_a_student_of_another_vocabulary_by_methods(tmp_
     assert r.returncode == 2 and "kd_methods must be some of ['gold_only', 'seq_kd', 'logit_kd'], got ['gold_only', 'kd']" in r.stderr
 
 
-def test_every_chapter_on_your_own_data(tmp_path, intents_csv):
-    "One labeled CSV of other columns, by the data parameters: every chapter runs on it (splits carved from it) and says so."
+def test_every_chapter_on_your_own_data(tmp_path, intents_files):
+    "Intent CSVs of other columns (id, utterance, intent), by the data parameters: every chapter runs on them and says so."
     out = tmp_path/"run"
-    r = slmops("run", "--profile", "smoke", "-p", f"train_file={intents_csv}", "-p", "input_column=utterance",
-               "-p", "label_column=intent", "-p", "methods=['lora']", "--out", out, "--no-progress")
+    r = slmops("run", "--profile", "smoke", *(a for s, f in intents_files.items() for a in ("-p", f"{s}_file={f}")),
+               "-p", "input_column=utterance", "-p", "label_column=intent", "-p", "methods=['lora', 'olive_lora']",
+               "--out", out, "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     labels = ["book_flight", "book_hotel", "play_music", "set_alarm"]
     intro, distill, ft, dep = (json.loads((out/ch/"metrics.json").read_text()) for ch in
                                ("01_introduction", "02_distillation", "03_finetuning", "04_deployment"))
-    assert ft["labels"] == labels and ft["task"]["train_file"] == str(intents_csv) and ft["task"]["examples"]["test"] == 16
+    assert ft["labels"] == labels and ft["task"]["test_file"] == str(intents_files["test"]) and ft["task"]["examples"]["test"] == 12
     assert intro["task"] == distill["task"] == ft["task"] == dep["task"] and ft["task"]["classes"] == labels
+    assert distill["metric"] == "accuracy" and "student_seq_kd_accuracy" in distill and set(ft["methods"]) == {"lora", "olive_lora"}
+    base = Path(ft["base_model"])  # workbench:base, continued on the task's inputs: its own cached build
+    assert base.parent.name == "model-base" and base != resolve_model("workbench:base")
+    assert artifact_info(base)["spec"]["data"]["task"]["label_column"] == "intent"
     assert intro["teacher_test_accuracy"] >= 0.9  # the workbench teacher was trained for this task
     assert dep["task"] == ft["task"] and any("every label" in k for k in dep["checklist"])
     assert dep["conversion"]["fp32_logit_gap"] <= 1e-3

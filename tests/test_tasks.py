@@ -1,12 +1,11 @@
 """Your task, your model: every chapter on a task file, on a generation task, and on a base model of another architecture."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from slmops_nb.data import Task, load_task, task_from_params
-from slmops_nb.core import artifact_info
-from slmops_nb.models import resolve_model
+from slmops_nb.data import DATA_DIR, Task, load_task, task_from_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -42,24 +41,24 @@ def test_a_task_reads_the_splits_of_a_data_set_folder(tmp_path, intents_csv):
     assert [r["utterance"] for r in task.splits()["test"]] == [r["utterance"] for r in rows[5::6]]
 
 
-def test_every_chapter_through_a_task_file(tmp_path, intents_csv):
-    "slmops run -p task_file=intents.yaml: the whole workbook on the user's task; every chapter's metrics name it."
-    (tmp_path/"data").mkdir(); (tmp_path/"data"/"intents.csv").write_bytes(intents_csv.read_bytes())
-    (tmp_path/"intents.yaml").write_text("# my task\ntrain_file: data/intents.csv\ninput_column: utterance\nlabel_column: intent\n")
+def test_every_chapter_through_a_task_file(tmp_path):
+    "slmops run -p task_file=shop.yaml: the built-in generation task's files, described by a YAML file, with a system prompt."
+    (tmp_path/"data").mkdir()
+    for split in ("train", "validation", "test"): shutil.copy(DATA_DIR/f"instructions_{split}.jsonl", tmp_path/"data")
+    (tmp_path/"shop.yaml").write_text("# the shop's questions\ntrain_file: data/instructions_train.jsonl\n"
+                                      "validation_file: data/instructions_validation.jsonl\ntest_file: data/instructions_test.jsonl\n"
+                                      "input_column: question\nlabel_column: answer\nkind: generation\n"
+                                      "system_prompt: You answer questions about the shop's products.\n")
     out = tmp_path/"run"
-    r = slmops("run", "--profile", "smoke", "-p", "task_file=intents.yaml", "-p", "methods=['lora', 'olive_lora']",
+    r = slmops("run", "--profile", "smoke", "-p", "task_file=shop.yaml", "-p", "methods=['lora']",
                "--out", out, "--no-progress", "--nbs", ROOT/"nbs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(out)
-    labels = ["book_flight", "book_hotel", "play_music", "set_alarm"]
     for ch in CHAPTERS:
-        assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"intents.csv") and m[ch]["task"]["classes"] == labels, ch
-    assert m["02_distillation"]["metric"] == "accuracy" and "student_seq_kd_accuracy" in m["02_distillation"]
-    assert set(m["03_finetuning"]["methods"]) == {"lora", "olive_lora"}
-    base = Path(m["03_finetuning"]["base_model"])  # workbench:base, continued on the task's inputs: its own cached build
-    assert base.parent.name == "model-base" and base != resolve_model("workbench:base")
-    assert artifact_info(base)["spec"]["data"]["task"]["label_column"] == "intent"
-    assert all("accuracy" in v for v in m["04_deployment"]["variants"].values())
+        assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"instructions_train.jsonl") and m[ch]["task"]["kind"] == "generation", ch
+        assert m[ch]["task"]["system_prompt"] == "You answer questions about the shop's products.", ch
+    assert m["02_distillation"]["metric"] == "chrf" and "rougeL" in m["03_finetuning"]["methods"]["lora"]
+    assert all("chrf" in v for v in m["04_deployment"]["variants"].values())
 
 
 def test_every_chapter_on_a_generation_task(tmp_path, numbers_jsonl):
