@@ -121,7 +121,9 @@ def cmd_export(a) -> int:
 
 # %% ../nbs/00m_cli.ipynb #c014
 @subcommand("serve a model folder with OpenAI's chat completions API",
-    arg("model_dir", help="the model folder: exported for ONNX Runtime GenAI, or a Hugging Face one with --runtime pytorch"),
+    arg("model_dir", help="the model folder: exported for ONNX Runtime GenAI, or a Hugging Face one with --runtime pytorch; "
+                          "or a registered model, models:/NAME@ALIAS or models:/NAME/VERSION"),
+    arg("--registry", default=None, help="the run folder whose registry holds models:/ names (default: $MLFLOW_TRACKING_URI)"),
     arg("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)"),
     arg("--port", type=int, default=8000),
     arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
@@ -129,7 +131,11 @@ def cmd_export(a) -> int:
     arg("--runtime", default="genai", help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted"))
 def cmd_serve(a) -> int:
     from slmops_nb.serve import serve
-    serve(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime)
+    model_dir, model_id = a.model_dir, a.model_id
+    if str(model_dir).startswith("models:/"):  # a registered version: its files, served under its name
+        from slmops_nb.registry import model_folder
+        model_dir, model_id = model_folder(a.model_dir, a.registry), model_id or a.model_dir.split("/")[1].replace("@", "-")
+    serve(model_dir, a.host, a.port, a.api_key, model_id, a.runtime)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c015

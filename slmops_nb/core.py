@@ -280,6 +280,7 @@ def quiet():
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # the Trainer sorts its numbered checkpoints by number when file times look coarse, and says so once per process
     logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # MLflow announces each SQLite store it sets up
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would flood notebook outputs

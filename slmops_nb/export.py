@@ -62,7 +62,7 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
     finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", epochs=qa_epochs, lr=1e-3, dropout=0.0)
     write_json(out/"task.json", task.describe())
     made = {"merged_model": out/"merged", "task_adapter": out/"task"/"model", "qa_adapter": out/"qa"/"model", "task": out/"task.json"}
-    for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base))
+    for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base), method="lora")
     return {**{n: made[n] for n in names}, "task": task, "base": str(base)}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5

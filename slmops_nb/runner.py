@@ -23,7 +23,7 @@ from .measure import Timer
 __all__ = ['RUNNER_PARAMS', 'DATA_SUFFIXES', 'HEADLINE_WORDS', 'list_chapters', 'notebooks_dir', 'find_chapter',
            'chapter_parameters', 'parse_param', 'coerce', 'describe_parameters', 'check_params', 'resolve_user_paths',
            'check_data', 'ChapterFailed', 'Stopped', 'stop_on_signals', 'run_chapter', 'flatten', 'render_report',
-           'write_summary', 'summary_table', 'run_workbook']
+           'write_summary', 'summary_table', 'track', 'run_workbook']
 
 # %% ../nbs/00l_runner.ipynb #r005
 RUNNER_PARAMS = ("profile", "out_dir")
@@ -277,6 +277,16 @@ def summary_table(summary: dict, width: int = 4) -> str:
     head = f"{'chapter':{w[0]}}  {'status':{w[1]}}  {'seconds':>{w[2]}}  headline metrics"
     return "\n".join([head] + [f"{a:{w[0]}}  {b:{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows])
 
+# %% ../nbs/00l_runner.ipynb #r053a
+def track(chapter_out: Path, src: Path, profile: str, given: dict) -> dict:
+    "MLflow tracking of a finished chapter (every parameter, its default or the given value) and its models registered."
+    from slmops_nb.registry import track_chapter
+    params = {**{n: p["default"] for n, p in chapter_parameters(src).items()}, **given, "profile": profile}
+    try: return track_chapter(chapter_out, params)
+    except Exception as e:
+        print(f"slmops run: {src.stem}: MLflow tracking failed ({type(e).__name__}: {e}); the chapter's results are on disk.", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+
 # %% ../nbs/00l_runner.ipynb #r054
 def run_workbook(chapters: list[str] | None = None, profile: str = "default", out=None, params: dict | None = None,
                  nbs=None, progress: bool = True) -> dict:
@@ -300,6 +310,7 @@ def run_workbook(chapters: list[str] | None = None, profile: str = "default", ou
                                         "error": "interrupted", "metrics": {}, "plots": []})
             write_summary(run, summary)
             raise
+        if not res["error"]: res["tracking"] = track(run/src.stem, src, profile, per_chapter[src.stem])
         summary["chapters"].append(res)
         print(f"[{i}/{len(paths)}] {src.stem}: {res['status']} in {res['seconds']:.1f} s", flush=True)
         write_summary(run, summary)

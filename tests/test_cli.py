@@ -7,9 +7,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from mlflow import MlflowClient
+from openai import OpenAI
 
 from slmops_nb.core import artifact_info
 from slmops_nb.models import resolve_model
+from slmops_nb.registry import model_folder
+from slmops_nb.serve import ServerProcess
 from slmops_nb.runner import list_chapters, notebooks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +83,7 @@ def test_failing_chapter_stops_the_run_and_names_cell_and_notebook(tmp_path):
     assert "02_fail" in (out/"report.md").read_text()
 
 
-def test_whole_workbook_smoke_run(tmp_path):
+def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
     "slmops run --profile smoke: every chapter under papermill, offline, into a temporary folder."
     out = tmp_path/"smoke"
     r = slmops("run", "--profile", "smoke", "--out", out, "--no-progress")
@@ -127,6 +131,29 @@ def test_whole_workbook_smoke_run(tmp_path):
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout
+    _registry_holds_the_run(out, summary, dep, monkeypatch)
+
+
+def _registry_holds_the_run(out, summary, dep, monkeypatch):
+    "MLflow, read with its own client: a run per chapter with its metrics, the run's models as versions with lineage, aliases."
+    client = MlflowClient(tracking_uri=f"sqlite:///{out/'mlflow.db'}", registry_uri=f"sqlite:///{out/'mlflow.db'}")
+    runs = {c["chapter"]: client.get_run(c["tracking"]["mlflow_run"]) for c in summary["chapters"]}
+    assert runs["04_deployment"].data.metrics["int4_size_ratio"] == dep["int4_size_ratio"]
+    assert runs["03_finetuning"].data.params["profile"] == "smoke"
+    versions = {v.name: v for v in client.search_model_versions()}
+    assert {"tones-student", "tones-merged-model", "tones-task-adapter", "tones-qa-adapter", "tones-ort-int4"} <= set(versions)
+    int4 = client.get_model_version("tones-ort-int4", "1")
+    assert int4.tags["slmops.parent"] == "tones-merged-model/1" and int4.tags["slmops.precision"] == "int4"
+    merged = client.get_model_version("tones-merged-model", "1")
+    assert merged.tags["slmops.method"] == "lora" and merged.tags["slmops.data_hash"] and "champion" in int4.aliases
+    served = model_folder("models:/tones-ort-int4@champion", out)
+    assert (served/"genai_config.json").exists() and served != out/"04_deployment"/"ort_int4"  # the registered copy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out/'mlflow.db'}")
+    with ServerProcess("models:/tones-ort-int4@champion", log=out/"serve-champion.log") as server:  # slmops serve models:/...
+        client = OpenAI(base_url=server.base_url, api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tones-ort-int4-champion"]
+        r = client.chat.completions.create(model="tones-ort-int4-champion", max_tokens=8, messages=[{"role": "user", "content": "Wow!"}])
+        assert r.choices[0].message.content
 
 
 def test_bad_data_column_is_refused_before_any_model_loads(tmp_path, intents_csv):
