@@ -21,14 +21,21 @@ from slmops_nb.evaluate import logit_gap, next_token_logits
 SLMOPS = str(Path(sys.executable).parent/"slmops")
 
 
+def teach_the_chat(model_dir, out: Path) -> tuple[dict, list[dict]]:
+    "A tiny random model, fully fine-tuned on 96 tone chats until it answers a label and ends its turn, saved in `out`; the run and its examples."
+    tok = load_tokenizer(model_dir)
+    ex = task_examples(tok, Task(), tone_split("train")[:96])
+    res = finetune("full", model_dir, tok, ex, ex[:16], out.with_name(out.name + "-ft"), epochs=12, lr=3e-3, batch_size=16)
+    save_model(res["model"], tok, out)
+    return res, ex
+
+
 @pytest.fixture(scope="module")
 def chatml_deployed(qwen_dir, tmp_path_factory):
     "The tiny ChatML model taught to answer a tone and end its turn, saved with save_model and converted to fp32."
     tmp = tmp_path_factory.mktemp("chatml")
     tok = load_tokenizer(qwen_dir)
-    ex = task_examples(tok, Task(), tone_split("train")[:96])
-    res = finetune("full", qwen_dir, tok, ex, ex[:16], tmp/"ft", epochs=12, lr=3e-3, batch_size=16)
-    save_model(res["model"], tok, tmp/"merged")
+    teach_the_chat(qwen_dir, tmp/"merged")
     return {"merged": tmp/"merged", "ort": build_direct(tmp/"merged", tmp/"ort_fp32", "fp32"), "tok": tok}
 
 
@@ -86,9 +93,7 @@ def test_another_family_end_to_end(family, tmp_path):
     tok = load_tokenizer(base)
     assert load_model(base).config.architectures == [arch] and tok.convert_tokens_to_ids(turn_end) in stop_token_ids(tok)
     assert fused_or_not in lora_targets(base)  # Phi-3's fused qkv_proj, Gemma's q_proj: read from the model, not a list
-    ex = task_examples(tok, Task(), tone_split("train")[:96])
-    taught = finetune("full", base, tok, ex, ex[:16], tmp_path/"full", epochs=12, lr=3e-3, batch_size=16)  # a base that knows the chat
-    save_model(taught["model"], tok, tmp_path/"base")
+    taught, ex = teach_the_chat(base, tmp_path/"base")  # a base that knows the chat, as a hub model arrives
     base = tmp_path/"base"
     lora = finetune("lora", base, tok, ex, ex[:16], tmp_path/"lora", epochs=2, lr=1e-3, batch_size=16, dropout=0.0)
     qlora = finetune("qlora", base, tok, ex, ex[:16], tmp_path/"qlora", epochs=1, batch_size=16)
