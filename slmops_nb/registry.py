@@ -26,7 +26,7 @@ ALIASES = ("champion", "challenger")  # what is live, and what is being tried
 def tracking_uri(run=None) -> str:
     "Where MLflow records: `$MLFLOW_TRACKING_URI`, else the SQLite store in the run folder `run`."
     if os.environ.get("MLFLOW_TRACKING_URI"): return os.environ["MLFLOW_TRACKING_URI"]
-    if run is None: raise SlmopsError("No tracking URI: set MLFLOW_TRACKING_URI, or give the run folder.")
+    if run is None: raise SlmopsError("No tracking URI: set MLFLOW_TRACKING_URI, or give the run folder (slmops serve --registry RUN).")
     return f"sqlite:///{(Path(run)/STORE).resolve()}"
 
 # %% ../nbs/00n_registry.ipynb #r007
