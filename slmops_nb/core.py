@@ -57,13 +57,13 @@ def by_profile(profile: str, value, **sizes):
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
-def atomic_write_text(path, text: str) -> Path:
-    "Write `text` to `path` atomically (temp file in the same folder, then rename)."
+def atomic_write_text(path, text: str | bytes) -> Path:
+    "Write `text` (or bytes) to `path` atomically (temp file in the same folder, then rename)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()

@@ -17,7 +17,7 @@ from .artifacts import read_manifest, record_artifact
 # %% auto #0
 __all__ = ['STORE', 'ARTIFACT_ROOT', 'ALIASES', 'tracking_uri', 'mlflow_client', 'run_experiment', 'metric_items', 'param_items',
            'log_chapter', 'data_hash', 'model_name', 'register_model', 'aliased', 'set_alias', 'promote',
-           'model_folder', 'register_chapter', 'track_chapter']
+           'model_version', 'model_folder', 'register_chapter', 'track_chapter']
 
 # %% ../nbs/00n_registry.ipynb #r005
 STORE, ARTIFACT_ROOT = "mlflow.db", "mlartifacts"
@@ -128,10 +128,10 @@ def promote(run, name: str, version=None) -> str:
     return version
 
 # %% ../nbs/00n_registry.ipynb #r023
-def model_folder(model, run=None) -> Path:
-    "A local folder for `models:/<name>@<alias>` or `models:/<name>/<version>` (registry: `run`'s, or `$MLFLOW_TRACKING_URI`); else `model` itself."
+def model_version(model, run=None) -> tuple[Path, str]:
+    "The local folder and `name/version` of `models:/<name>@<alias>` or `models:/<name>/<version>` (registry: `run`'s, or `$MLFLOW_TRACKING_URI`); a folder and its name otherwise."
     s = str(model)
-    if not s.startswith("models:/"): return Path(model)
+    if not s.startswith("models:/"): return Path(model), Path(model).name
     m = re.fullmatch(r"models:/([^/@]+)(?:@(\w+)|/(\d+))", s)
     if not m: raise SlmopsError(f"{s}: a registered model is models:/<name>@<alias> or models:/<name>/<version>.")
     from mlflow.exceptions import MlflowException
@@ -139,9 +139,13 @@ def model_folder(model, run=None) -> Path:
     try: v = client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
     except MlflowException as e: raise SlmopsError(f"{s}: not in the registry at {client.tracking_uri} ({e.message})") from e
     source = client.get_model_version_download_uri(v.name, v.version)
-    if source.startswith("file://"): return Path(source[len("file://"):])
+    if source.startswith("file://"): return Path(source[len("file://"):]), f"{v.name}/{v.version}"
     import mlflow.artifacts
-    return Path(mlflow.artifacts.download_artifacts(source, dst_path=str(cache_root()/"registry"/v.name/v.version)))
+    return Path(mlflow.artifacts.download_artifacts(source, dst_path=str(cache_root()/"registry"/v.name/v.version))), f"{v.name}/{v.version}"
+
+def model_folder(model, run=None) -> Path:
+    "A local folder for `models:/<name>@<alias>` or `models:/<name>/<version>`; else `model` itself."
+    return model_version(model, run)[0]
 
 # %% ../nbs/00n_registry.ipynb #r026
 def _lineage(rec: dict, artifact: str, task: dict, parent: str, chapter: str, run: Path, mlflow_run: str) -> dict[str, str]:
