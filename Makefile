@@ -23,8 +23,10 @@ $(STAMP): setup.py settings.ini
 workbook: $(STAMP)
 	$(OFFLINE) $(BIN)/slmops run --profile default
 
+# One test process per core (pytest-xdist), the long whole-workbook runs first, one test at a time to whichever process
+# is free; one thread each: two processes of two threads on two cores spin against each other and run slower than one.
 test: $(STAMP)
-	$(OFFLINE) SLMOPS_CACHE=$(CURDIR)/.cache/test $(BIN)/python -m pytest tests
+	$(OFFLINE) SLMOPS_CACHE=$(CURDIR)/.cache/test OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxschedchunk 1 tests
 
 clean-cache:
 	rm -rf .cache

@@ -11,6 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SLMOPS_CACHE", str(ROOT/".cache"/"test"))
 
 
+LONG = ("test_whole_workbook_smoke_run", "test_every_chapter", "test_nbdev_test_passes", "test_another_family_end_to_end")
+
+
+def pytest_collection_modifyitems(items):
+    "The whole-workbook runs first: with a test process per core (make test), the long ones start at once and the short ones fill in."
+    items.sort(key=lambda item: not item.name.startswith(LONG))
+
+
 @pytest.fixture(autouse=True)
 def runs_root(tmp_path, monkeypatch):
     "Every test writes run folders into its own temporary folder, never into the repository."
