@@ -134,12 +134,14 @@ def cmd_export(a) -> int:
     arg("--shadow", action="store_true", help="the champion answers everyone; the challenger answers too, into the log only"),
     arg("--max-error-rate", type=float, default=0.05, help="roll back when the challenger's recent error rate passes this"),
     arg("--max-p95-ms", type=float, default=None, help="roll back when the challenger's recent p95 latency passes this"),
+    arg("--min-agreement", type=float, default=None, help="roll back when fewer of the challenger's recent answers match the champion's"),
     arg("--request-log", default=None, help="append a JSON line per request to this file (for slmops monitor)"),
     arg("--log-prompts", action="store_true", help="also log the prompt's text, redacted (off by default: privacy first)"))
 def cmd_serve(a) -> int:
     from slmops_nb.serve import serve
     serve(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
-          weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms)
+          weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
+          min_agreement=a.min_agreement)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c015

@@ -152,12 +152,13 @@ def user_share(key: str) -> float:
 class Rollout:
     "The champion and an optional challenger: which answers a request (canary `weight`, sticky by user, or `shadow`), and the rollback."
     def __init__(self, champion, challenger=None, weight: float = 0.0, shadow: bool = False, max_error_rate: float = 0.05,
-                 max_p95_ms: float | None = None, window: int = 50, min_requests: int = 20):
+                 max_p95_ms: float | None = None, min_agreement: float | None = None, window: int = 50, min_requests: int = 20):
         if not 0 <= weight <= 1: raise SlmopsError(f"The canary weight is a share of users from 0 to 1, got {weight}.")
         if shadow and weight: raise SlmopsError("Shadow mode answers every request with the champion: give a canary weight or shadow, not both.")
         self.models = {"champion": champion, "challenger": challenger}
         self.versions = {"champion": champion.name, "challenger": challenger.name if challenger else None}
         self.weight, self.shadow, self.max_error_rate, self.max_p95_ms = weight, shadow, max_error_rate, max_p95_ms
+        self.min_agreement, self.agreement = min_agreement, deque(maxlen=window)
         self.min_requests, self.recent, self.lock = min_requests, deque(maxlen=window), threading.Lock()
         self.rolled_back = self.load_error = None
 
@@ -188,6 +189,17 @@ def record(self: Rollout, role: str, ok: bool, ms: float) -> str | None:
         else: return None
         self.rolled_back = reason
         return reason
+
+@patch
+def compare(self: Rollout, agrees: bool) -> str | None:
+    "Count whether a canary answer matched the champion's; when too few of its last ones did (`min_agreement`), roll back and say why."
+    if self.min_agreement is None or self.rolled_back: return None
+    with self.lock:
+        self.agreement.append(agrees)
+        n, share = len(self.agreement), sum(self.agreement) / len(self.agreement)
+        if n < self.min_requests or share >= self.min_agreement: return None
+        self.rolled_back = f"the challenger agreed with the champion on {share:.0%} of its last {n} answers (limit {self.min_agreement:.0%})"
+        return self.rolled_back
 
 @patch
 def state(self: Rollout) -> dict:
@@ -274,13 +286,18 @@ def create_app(model, model_id: str | None = None, api_key: str | None = None, m
     def beside(ex: dict, req):
         "After the answer is sent: the other version's answer to the same request, into the log only (canary: the champion's; shadow: the challenger's)."
         role = rollout.other(ex["role"])
-        if role is None or log is None or ex.get("status") != 200: return
+        if role is None or ex.get("status") != 200 or (log is None and rollout.min_agreement is None): return
         t0, other = time.perf_counter(), rollout.models[role]
         try: text, error = other.chat(req["messages"], req["max_tokens"]), None
         except Exception as e: text, error = "", f"{type(e).__name__}: {e}"
-        log.write({"time": time.time(), "id": ex["id"], "user": ex["user"], "role": role, "version": rollout.versions[role],
-                   "shadow": True, "ms": round((time.perf_counter() - t0) * 1000, 1), "answer": text, "agrees": text == ex["answer"],
-                   "error": error})
+        if log is not None:
+            log.write({"time": time.time(), "id": ex["id"], "user": ex["user"], "role": role, "version": rollout.versions[role],
+                       "shadow": True, "ms": round((time.perf_counter() - t0) * 1000, 1), "answer": text, "agrees": text == ex["answer"],
+                       "error": error})
+        reason = rollout.compare(text == ex["answer"]) if ex["role"] == "challenger" and error is None else None
+        if reason:
+            metrics.canary.set(0)
+            if log is not None: log.write({"time": time.time(), "event": "rollback", "version": ex["version"], "reason": reason})
 
     @app.get("/v1/models")
     async def models(request: Request):
