@@ -70,7 +70,7 @@ def label_drift(baseline_labels: Counter, answers: list[str], classes: list[str]
     return {"label_psi": psi(e, a), "label_p": float(chisquare(a, e / e.sum() * a.sum()).pvalue), "label_mix": dict(seen)}
 
 # %% ../nbs/00o_monitor.ipynb #o013
-LIMITS = {"psi": 0.2, "p_value": 0.01, "error_rate": 0.01, "margin": 1.25}
+LIMITS = {"psi": 0.2, "error_rate": 0.01, "margin": 1.25}
 
 def calibrate(base: dict, window: int, draws: int = 50, seed: int = 0, margin: float = LIMITS["margin"]) -> dict:
     "Vocabulary limits for windows of `window` prompts: the largest distances of `draws` baseline windows, times `margin`."
