@@ -16,7 +16,7 @@ from .core import SlmopsError, atomic_write_text, write_json
 from .data import Task
 from .evaluate import normalize_label
 from .measure import percentile
-from .serve import read_request_log
+from .serve import ROLES_SERVED, read_request_log
 
 # %% auto #0
 __all__ = ['LIMITS', 'PLOTTED', 'words', 'baseline', 'psi', 'length_bins', 'binned', 'vocabulary_drift', 'label_drift',
@@ -153,7 +153,7 @@ def live_figures(records: list[dict]) -> dict:
     "Per role (champion, challenger): requests, errors, p95 latency, share of traffic; agreement of the answers logged side by side; rollbacks."
     s = served(records)
     out = {}
-    for role in ("champion", "challenger"):
+    for role in ROLES_SERVED:
         mine = [r for r in s if r["role"] == role]
         ok = [r["ms"] for r in mine if r["status"] == 200]
         out[role] = {"requests": len(mine), "errors": len(mine) - len(ok), "share": len(mine) / len(s) if s else 0.0,
