@@ -16,7 +16,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from .core import SlmopsError, artifact_info, cached_artifact, file_hash, seed_everything, write_json
 from .measure import Timer
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, chat_text, instruction_split, tone_split, workbench_records
-from .datagen import SENTIMENT, lexicon_sentences
+from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 from .train import encode_texts, task_examples, train_causal_lm
 
 # %% auto #0
@@ -126,7 +126,8 @@ MODEL_SPECS = {
     "base": {"arch": _llama(256, 4, 4, 2, 768), "data": "base",
              "train": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "max_length": 96}, "seed": 0},
     "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",  # another task's data replaces the tones (`task_model`)
-                "train": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 96}, "seed": 0},
+                "train": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 96}, "seed": 0,
+                "knows": 600},  # drifted tone phrasings beyond the task's data (the tones teacher only)
 }
 
 TASK_TEACHER_STEPS = 300  # a teacher of a small task trains for this many steps at least (more epochs over its few examples)
@@ -154,7 +155,7 @@ def task_texts(task: Task) -> list[str]:
 
 def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data  # a task's base: the base, reading on
 
-def _training_data(data, tokenizer, max_length: int, task: Task | None):
+def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: int = 0):
     if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
     if _continued(data):  # the task's texts and as many of the base's own (it keeps the chat format it knows)
         texts = task_texts(task)
@@ -162,7 +163,8 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None):
         return encode_texts(tokenizer, texts + own, max_length), None
     task = task or Task()
     if data != "tones": max_length = MODEL_SPECS["teacher"]["arch"]["max_position_embeddings"]  # another task: its answers whole
-    return tuple(task_examples(tokenizer, task, task.splits()[s], max_length) for s in ("train", "validation"))
+    train = task.splits()["train"] + (drifted_tones(knows, seed=DATA_SEED + 1) if data == "tones" else [])
+    return task_examples(tokenizer, task, train, max_length), task_examples(tokenizer, task, task.splits()["validation"], max_length)
 
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
@@ -171,7 +173,7 @@ def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     if _continued(data):
         model, tr = AutoModelForCausalLM.from_pretrained(workbench_path("base", root)), data["continued"]
     else: model = new_model(tokenizer, spec["arch"], spec["seed"])
-    train, valid = _training_data(data, tokenizer, tr["max_length"], task)
+    train, valid = _training_data(data, tokenizer, tr["max_length"], task, spec.get("knows", 0))
     if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
     else: epochs = tr["epochs"] if data == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
     res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],

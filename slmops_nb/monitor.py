@@ -150,12 +150,12 @@ def write_report(report: dict, out) -> Path:
 
 # %% ../nbs/00o_monitor.ipynb #o022
 def live_figures(records: list[dict]) -> dict:
-    "Per role (champion, challenger): requests, errors, p95 latency, share of traffic; agreement of the answers logged side by side; rollbacks."
+    "Per role (champion, challenger): requests, errors (invalid answers too), p95 latency, share; agreement of the answers side by side; rollbacks."
     s = served(records)
     out = {}
     for role in ROLES_SERVED:
         mine = [r for r in s if r["role"] == role]
-        ok = [r["ms"] for r in mine if r["status"] == 200]
+        ok = [r["ms"] for r in mine if r["status"] == 200 and r.get("valid", True)]
         out[role] = {"requests": len(mine), "errors": len(mine) - len(ok), "share": len(mine) / len(s) if s else 0.0,
                      "p95_ms": percentile(ok, 95) if ok else None}
     beside = [r for r in records if r.get("shadow") and r.get("error") is None]

@@ -17,7 +17,7 @@ from .artifacts import read_manifest, record_artifact
 # %% auto #0
 __all__ = ['STORE', 'ARTIFACT_ROOT', 'ALIASES', 'tracking_uri', 'mlflow_client', 'run_experiment', 'metric_items', 'param_items',
            'log_chapter', 'data_hash', 'model_name', 'register_model', 'aliased', 'set_alias', 'promote',
-           'model_version', 'model_folder', 'register_chapter', 'track_chapter']
+           'model_version', 'model_folder', 'lineage_tags', 'register_chapter', 'track_chapter']
 
 # %% ../nbs/00n_registry.ipynb #r005
 STORE, ARTIFACT_ROOT = "mlflow.db", "mlartifacts"
@@ -148,7 +148,8 @@ def model_folder(model, run=None) -> Path:
     return model_version(model, run)[0]
 
 # %% ../nbs/00n_registry.ipynb #r026
-def _lineage(rec: dict, artifact: str, task: dict, parent: str, chapter: str, run: Path, mlflow_run: str) -> dict[str, str]:
+def lineage_tags(rec: dict, artifact: str, task: dict, parent: str, chapter: str, run, mlflow_run: str = "") -> dict[str, str]:
+    "The lineage of a registered version as MLflow tags: task, data hash, base model, method, precision, parent version, the chapter run that made it."
     return {"slmops.artifact": artifact, "slmops.task": "tones" if task.get("builtin", True) else task["train_file"],
             "slmops.data_hash": data_hash(task), "slmops.base_model": rec.get("base_model", ""), "slmops.method": rec.get("method", ""),
             "slmops.precision": rec.get("precision", ""), "slmops.parent": parent, "slmops.chapter": chapter,
@@ -166,7 +167,7 @@ def register_chapter(chapter_out, mlflow_run: str = "") -> dict[str, str]:
         made_from = next((r for r in read_manifest(run).values() if (run/r["path"]).resolve() == source), {})
         inherited = {k: made_from[k] for k in ("base_model", "method") if k in made_from and k not in rec}  # int4 of a LoRA merge
         name = model_name(task, artifact)
-        v = register_model(name, path, _lineage({**rec, **inherited}, artifact, task, made_from.get("registered", ""), out.name, run,
+        v = register_model(name, path, lineage_tags({**rec, **inherited}, artifact, task, made_from.get("registered", ""), out.name, run,
                                                 mlflow_run), run)
         set_alias(run, name, v.version, "challenger" if "champion" in aliased(client, name) else "champion")
         info = {k: x for k, x in rec.items() if k not in ("path", "chapter", "recorded_at")}

@@ -96,6 +96,7 @@ class ServerMetrics:
                               buckets=SECONDS, registry=r)
         self.tokens = Counter("slmops_tokens", "Prompt (in) and completion (out) tokens.", ["version", "direction"], registry=r)
         self.in_flight = Gauge("slmops_in_flight_requests", "Requests being answered now.", ["version"], registry=r)
+        self.invalid = Counter("slmops_invalid_answers", "Answers that are not one of the task's labels.", ["version"], registry=r)
         self.canary = Gauge("slmops_canary_weight", "The share of users the challenger answers (0 after a rollback).", registry=r)
 
     def text(self) -> bytes:
@@ -152,13 +153,15 @@ def user_share(key: str) -> float:
 class Rollout:
     "The champion and an optional challenger: which answers a request (canary `weight`, sticky by user, or `shadow`), and the rollback."
     def __init__(self, champion, challenger=None, weight: float = 0.0, shadow: bool = False, max_error_rate: float = 0.05,
-                 max_p95_ms: float | None = None, min_agreement: float | None = None, window: int = 50, min_requests: int = 20):
+                 max_p95_ms: float | None = None, min_agreement: float | None = None, labels=None, window: int = 50,
+                 min_requests: int = 20):
         if not 0 <= weight <= 1: raise SlmopsError(f"The canary weight is a share of users from 0 to 1, got {weight}.")
         if shadow and weight: raise SlmopsError("Shadow mode answers every request with the champion: give a canary weight or shadow, not both.")
         self.models = {"champion": champion, "challenger": challenger}
         self.versions = {"champion": champion.name, "challenger": challenger.name if challenger else None}
         self.weight, self.shadow, self.max_error_rate, self.max_p95_ms = weight, shadow, max_error_rate, max_p95_ms
         self.min_agreement, self.agreement = min_agreement, deque(maxlen=window)
+        self.labels = {l.lower() for l in labels} if labels else None
         self.min_requests, self.recent, self.lock = min_requests, deque(maxlen=window), threading.Lock()
         self.rolled_back = self.load_error = None
 
@@ -166,6 +169,10 @@ class Rollout:
         "`champion` or `challenger` for this request: the challenger for a `weight` share of users while it is loaded and not rolled back."
         if self.models["challenger"] is None or self.shadow or self.rolled_back or not self.weight: return "champion"
         return "challenger" if user_share(user or request_id) < self.weight else "champion"
+
+    def valid(self, answer: str) -> bool:
+        "Whether `answer` is one of the task's labels (always, when the rollout knows no labels)."
+        return self.labels is None or answer.strip().lower() in self.labels
 
     def other(self, role: str) -> str | None:
         "The version to answer the same request into the log: the champion beside a canary, the challenger in shadow mode."
@@ -184,7 +191,7 @@ def record(self: Rollout, role: str, ok: bool, ms: float) -> str | None:
         n, errors = len(self.recent), sum(not ok for ok, _ in self.recent)
         served = [ms for ok, ms in self.recent if ok]
         p95 = percentile(served, 95) if served else float("inf")
-        if errors / n > self.max_error_rate: reason = f"{errors} errors in the challenger's last {n} requests (limit {self.max_error_rate:.0%})"
+        if errors / n > self.max_error_rate: reason = f"{errors} errors or invalid answers in the challenger's last {n} requests (limit {self.max_error_rate:.0%})"
         elif self.max_p95_ms and p95 > self.max_p95_ms: reason = f"challenger p95 latency {p95:.0f} ms > {self.max_p95_ms:.0f} ms over its last {n} requests"
         else: return None
         self.rolled_back = reason
@@ -266,12 +273,14 @@ def create_app(model, model_id: str | None = None, api_key: str | None = None, m
         if status == 200:
             metrics.latency.labels(version).observe(seconds)
             metrics.tokens.labels(version, "in").inc(ex["prompt_tokens"]); metrics.tokens.labels(version, "out").inc(len(pieces))
-        reason = rollout.record(ex["role"], status == 200, seconds * 1000)
+        valid = status != 200 or rollout.valid(ex["answer"])
+        if not valid: metrics.invalid.labels(version).inc()
+        reason = rollout.record(ex["role"], status == 200 and valid, seconds * 1000)
         if reason: metrics.canary.set(0)
         if log is None: return
         log.write({"time": ex["time"], "id": ex["id"], "user": ex["user"], "role": ex["role"], "version": version, "status": status,
                    "ms": round(seconds * 1000, 1), "ttft_ms": ex.get("ttft_ms"), "prompt_tokens": ex["prompt_tokens"],
-                   "prompt_words": len(ex["prompt"].split()), "completion_tokens": len(pieces), "answer": ex["answer"],
+                   "prompt_words": len(ex["prompt"].split()), "completion_tokens": len(pieces), "answer": ex["answer"], "valid": valid,
                    "error": error}, ex["prompt"])
         if reason: log.write({"time": time.time(), "event": "rollback", "version": version, "reason": reason})
 

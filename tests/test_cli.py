@@ -128,6 +128,11 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
     assert dep["foundry_local"]["loaded"] and dep["server"]["errors"] == 0 and dep["server"]["wrong_answers"] == 0
     assert dep["server"]["requests"] == 24 and dep["int4_size_ratio"] < 0.3 and "int4_speedup_vs_pytorch" in dep
     assert (out/"04_deployment"/"bench.json").exists() and (out/"04_deployment"/"ort_int4"/"genai_config.json").exists()
+    ops = json.loads((out/"05_operations"/"metrics.json").read_text())
+    assert {"shift_window", "detected_window", "false_alarms"} <= set(ops["drift"]) and len(ops["week_scores"]) == ops["drift"]["windows"]
+    assert {"recovery_points", "original_drop_points"} <= set(ops["challenger"]) and ops["canary"]["requests"] == 120
+    assert ops["server"]["errors"] == 0 and ops["rollback"]["exercised"] and ops["registry"]["versions"] >= 4
+    assert (out/"05_operations"/"monitor"/"monitor.md").exists() and (out/"05_operations"/"requests.jsonl").exists()
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report
     assert "headline metrics" in r.stdout and "summary:" in r.stdout
@@ -145,7 +150,10 @@ def _registry_holds_the_run(out, summary, dep, monkeypatch):
     int4 = client.get_model_version("tones-ort-int4", "1")
     assert int4.tags["slmops.parent"] == "tones-merged-model/1" and int4.tags["slmops.precision"] == "int4"
     merged = client.get_model_version("tones-merged-model", "1")
-    assert merged.tags["slmops.method"] == "lora" and merged.tags["slmops.data_hash"] and "champion" in int4.aliases
+    assert merged.tags["slmops.method"] == "lora" and merged.tags["slmops.data_hash"]
+    assert "champion" in client.get_registered_model("tones-ort-int4").aliases  # chapter 04's, or chapter 05's promoted challenger
+    challenger = client.get_model_version("tones-ort-int4", "2")  # chapter 05's, from its labelled window
+    assert challenger.tags["slmops.chapter"] == "05_operations" and challenger.tags["slmops.parent"] == "tones-merged-model/2"
     served = model_folder("models:/tones-ort-int4@champion", out)
     assert (served/"genai_config.json").exists() and served != out/"04_deployment"/"ort_int4"  # the registered copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out/'mlflow.db'}")
@@ -220,3 +228,5 @@ def test_every_chapter_on_your_own_data(tmp_path, intents_files):
     assert intro["teacher_test_accuracy"] >= 0.9  # the workbench teacher was trained for this task
     assert dep["task"] == ft["task"] and any("every label" in k for k in dep["checklist"])
     assert dep["conversion"]["fp32_logit_gap"] <= 1e-3
+    ops = json.loads((out/"05_operations"/"metrics.json").read_text())  # operations on your task: its labels checked live
+    assert ops["task"] == ft["task"] and ops["server"]["errors"] == 0 and ops["rollback"]["exercised"]

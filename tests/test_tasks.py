@@ -43,7 +43,7 @@ def test_a_task_reads_the_splits_of_a_data_set_folder(tmp_path, intents_csv):
 
 
 def test_every_chapter_through_a_task_file(tmp_path):
-    "slmops run -p task_file=shop.yaml: the built-in generation task's files, described by a YAML file, with a system prompt."
+    "slmops run -p task_file=shop.yaml: the built-in generation task's files by a YAML file with a system prompt (chapters 01-04)."
     (tmp_path/"data").mkdir()
     for split in ("train", "validation", "test"): shutil.copy(DATA_DIR/f"instructions_{split}.jsonl", tmp_path/"data")
     (tmp_path/"shop.yaml").write_text("# the shop's questions\ntrain_file: data/instructions_train.jsonl\n"
@@ -51,7 +51,7 @@ def test_every_chapter_through_a_task_file(tmp_path):
                                       "input_column: question\nlabel_column: answer\nkind: generation\n"
                                       "system_prompt: You answer questions about the shop's products.\n")
     out = tmp_path/"run"
-    r = slmops("run", "--profile", "smoke", "-p", "task_file=shop.yaml", "-p", "methods=['lora']", *SHORT,
+    r = slmops("run", *CHAPTERS, "--profile", "smoke", "-p", "task_file=shop.yaml", "-p", "methods=['lora']", *SHORT,
                "--out", out, "--no-progress", "--nbs", ROOT/"nbs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(out)
@@ -83,6 +83,8 @@ def test_every_chapter_on_a_generation_task_and_a_qwen2_base(tmp_path, numbers_j
     assert m["01_introduction"]["base_model"] == str(qwen_dir) and m["03_finetuning"]["base_model"] == str(qwen_dir)
     assert m["04_deployment"]["foundry_local"]["loaded"] and m["04_deployment"]["server"]["errors"] == 0
     assert json.loads((out/"03_finetuning"/"merged"/"config.json").read_text())["model_type"] == "qwen2"
+    ops = json.loads((out/"05_operations"/"metrics.json").read_text())  # operations on a generation task: chrF by window
+    assert ops["metric"] == "chrf" and ops["task"]["kind"] == "generation" and ops["server"]["errors"] == 0
 
 
 def test_a_bad_task_file_is_refused_before_anything_runs(tmp_path):
