@@ -25,8 +25,9 @@ workbook: $(STAMP)
 
 # One test process per core (pytest-xdist), the long whole-workbook runs first, one test at a time to whichever process
 # is free; one thread each: two processes of two threads on two cores spin against each other and run slower than one.
+# --durations: the slowest tests, in the log, to see where the time goes.
 test: $(STAMP)
-	$(OFFLINE) SLMOPS_CACHE=$(CURDIR)/.cache/test OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxschedchunk 1 tests
+	$(OFFLINE) SLMOPS_CACHE=$(CURDIR)/.cache/test OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxschedchunk 1 --durations 30 tests
 
 clean-cache:
 	rm -rf .cache

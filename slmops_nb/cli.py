@@ -128,7 +128,9 @@ def cmd_export(a) -> int:
     arg("--port", type=int, default=8000),
     arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
     arg("--model-id", help="the model's name in the API (default: the folder's name, or NAME-ALIAS)"),
-    arg("--runtime", default="genai", help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted"),
+    arg("--runtime", default="genai", help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted; "
+                                            "foundry: an exported folder in Foundry Local, in this process (needs --foundry-home)"),
+    arg("--foundry-home", default=None, help="Foundry Local's app data folder (--runtime foundry)"),
     arg("--challenger", default=None, help="a second model (folder or models:/NAME@challenger) beside the champion"),
     arg("--canary", type=float, default=0.0, help="the share of users (sticky by the request's user) the challenger answers"),
     arg("--shadow", action="store_true", help="the champion answers everyone; the challenger answers too, into the log only"),
@@ -143,7 +145,7 @@ def cmd_serve(a) -> int:
     from slmops_nb.serve import serve
     labels = load_task(a.task).classes if a.task else None
     serve(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
-          weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
+          a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
           min_agreement=a.min_agreement, labels=labels)
     return 0
 

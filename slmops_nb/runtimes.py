@@ -20,7 +20,7 @@ from .models import load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
 __all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'GenAIModel', 'prompt_template',
-           'foundry_model_folder', 'throughput_copy', 'FoundryLocal', 'load_runtime']
+           'foundry_model_folder', 'throughput_copy', 'FoundryLocal', 'foundry_model_id', 'load_runtime']
 
 # %% ../nbs/00g_runtimes.ipynb #c005
 class ChatModel:
@@ -221,6 +221,7 @@ class FoundryLocal(ChatModel):
         self.manager = FoundryLocalManager.instance
         self.catalog = self.manager.get_catalog(CatalogType.LOCAL)
         self.model = self.throughput_model = None
+        self.lock = threading.Lock()  # one answer at a time: a server's threads take turns
 
     def _register(self, folder, model_id: str):
         from foundry_local_sdk import ModelInfoBuilder
@@ -247,7 +248,7 @@ class FoundryLocal(ChatModel):
         if ignore_eos and self.throughput_model is None:
             raise SlmopsError("ignore_eos needs the throughput copy: register(folder, id, throughput_folder=throughput_copy(...)).")
         make = {"system": MessageItem.system, "user": MessageItem.user, "assistant": MessageItem.assistant}
-        with ChatSession(self.throughput_model if ignore_eos else self.model) as session, Request() as request:
+        with self.lock, ChatSession(self.throughput_model if ignore_eos else self.model) as session, Request() as request:
             session.set_options(RequestOptions(search=SearchOptions(max_output_tokens=max_new_tokens, do_sample=False)))
             session.set_streaming(True)
             for m in messages: request.add_item(make[m["role"]](m["content"]))
@@ -269,16 +270,27 @@ def _item_text(item) -> str:
 # %% ../nbs/00g_runtimes.ipynb #c029
 RUNTIMES = ("pytorch", "genai", "foundry")
 
-def load_runtime(kind: str, folder, name: str | None = None, foundry_home=None) -> ChatModel:
-    "A chat model of runtime `kind` (pytorch, genai, foundry or auto) from `folder`."
-    folder = Path(folder)
+def foundry_model_id(name: str) -> str:
+    "Foundry Local's id (`name:version`) of a registered version `name/version`, or of a folder's name (version 1)."
+    name = name.replace("_", "-")
+    return name.replace("/", ":") if "/" in name else f"{name}:1"
+
+def load_runtime(kind: str, model, name: str | None = None, foundry_home=None, registry=None) -> ChatModel:
+    "A chat model of runtime `kind` (pytorch, genai, foundry or auto) from a folder or a registered `models:/NAME@ALIAS` (in `registry`)."
+    from slmops_nb.registry import model_version
+    folder, version = model_version(model, registry)
     if kind == "auto": kind = "genai" if (folder/"genai_config.json").exists() else "pytorch"
-    name = name or folder.name
+    name = name or version
     if kind == "pytorch": return TorchModel(folder, name)
     if kind == "genai": return GenAIModel(folder, name)
     if kind == "foundry":
-        if foundry_home is None: raise SlmopsError("A foundry runtime needs foundry_home (a folder for Foundry Local's app data).")
-        fl = FoundryLocal(foundry_home)
-        fl.register(folder, f"{name.replace('_', '-')}:1", throughput_copy(folder, Path(foundry_home)/"throughput"/name))
+        if foundry_home is None:
+            raise SlmopsError("A foundry runtime needs a folder for Foundry Local's app data: foundry_home (slmops serve --foundry-home DIR).")
+        home, model_id = Path(foundry_home), foundry_model_id(name)
+        local = model_id.replace(":", "-")
+        if not (folder/"inference_model.json").exists():  # an exported folder: Foundry Local's model folder made from it
+            folder = foundry_model_folder(folder, home/"models"/local, model_id.split(":")[0])
+        fl = FoundryLocal(home)
+        fl.register(folder, model_id, throughput_copy(folder, home/"throughput"/local))
         return fl
     raise SlmopsError(f"Unknown runtime {kind!r}: use one of {', '.join(RUNTIMES)} or auto.")

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ROLES', 'SECONDS', 'ROLES_SERVED', 'RequestError', 'parse_chat_request', 'ServerMetrics', 'redact_pii', 'RequestLog',
-           'read_request_log', 'user_share', 'Rollout', 'create_app', 'serve', 'free_port', 'ServerProcess',
-           'load_test']
+           'read_request_log', 'user_share', 'check_rollout', 'Rollout', 'create_app', 'serve', 'free_port',
+           'ServerProcess', 'load_test']
 
 # %% ../nbs/00i_serve.ipynb #c002
 import hashlib
@@ -150,13 +150,17 @@ def user_share(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 # %% ../nbs/00i_serve.ipynb #c113
+def check_rollout(weight: float = 0.0, shadow: bool = False, **limits):
+    "A clear error for a canary weight outside 0..1, or a weight and shadow mode at once (checked before any model loads)."
+    if not 0 <= weight <= 1: raise SlmopsError(f"The canary weight is a share of users from 0 to 1, got {weight}.")
+    if shadow and weight: raise SlmopsError("Shadow mode answers every request with the champion: give a canary weight or shadow, not both.")
+
 class Rollout:
     "The champion and an optional challenger: which answers a request (canary `weight`, sticky by user, or `shadow`), and the rollback."
     def __init__(self, champion, challenger=None, weight: float = 0.0, shadow: bool = False, max_error_rate: float = 0.05,
                  max_p95_ms: float | None = None, min_agreement: float | None = None, labels=None, window: int = 50,
                  min_requests: int = 20):
-        if not 0 <= weight <= 1: raise SlmopsError(f"The canary weight is a share of users from 0 to 1, got {weight}.")
-        if shadow and weight: raise SlmopsError("Shadow mode answers every request with the champion: give a canary weight or shadow, not both.")
+        check_rollout(weight, shadow)
         self.models = {"champion": champion, "challenger": challenger}
         self.versions = {"champion": champion.name, "challenger": challenger.name if challenger else None}
         self.weight, self.shadow, self.max_error_rate, self.max_p95_ms = weight, shadow, max_error_rate, max_p95_ms
@@ -393,23 +397,25 @@ def _sse(pieces, max_tokens: int, cid: str, created: int, model_id: str, done=No
 
 # %% ../nbs/00i_serve.ipynb #c016
 def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_id: str | None = None,
-          runtime: str = "genai", registry=None, challenger=None, request_log=None, log_prompts: bool = False, **rollout):
+          runtime: str = "genai", registry=None, challenger=None, request_log=None, log_prompts: bool = False, foundry_home=None,
+          **rollout):
     "Serve `model` (a folder, or `models:/NAME@ALIAS` in `registry`) on http://HOST:PORT/v1 until interrupted; a `challenger` beside it."
     import uvicorn
     from slmops_nb.registry import model_version
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"slmops serve: listening on {host} without an API key: anyone who can reach it can use it.", file=sys.stderr)
+    check_rollout(**rollout)
     folder, version = model_version(model, registry)
     model_id = model_id or (str(model).split("/")[1].replace("@", "-") if str(model).startswith("models:/") else folder.name)
     if challenger is not None:  # a broken folder is refused now, with the reason, not later in the background
         challenger_folder, challenger_version = model_version(challenger, registry)
-        if runtime == "genai": check_genai_folder(challenger_folder)
+        if runtime in ("genai", "foundry"): check_genai_folder(challenger_folder)
         elif not (challenger_folder/"config.json").exists():
             raise SlmopsError(f"{challenger_folder}: no config.json, so not a Hugging Face model folder (--runtime pytorch).")
-    champion = load_runtime(runtime, folder, version)
+    champion = load_runtime(runtime, folder, version, foundry_home)
     plan = Rollout(champion, **rollout)
     if challenger is not None:
-        plan.load_challenger(lambda: load_runtime(runtime, challenger_folder, challenger_version), challenger_version)
+        plan.load_challenger(lambda: load_runtime(runtime, challenger_folder, challenger_version, foundry_home), challenger_version)
     log = RequestLog(request_log, log_prompts) if request_log else None
     uvicorn.run(create_app(champion, model_id, api_key, rollout=plan, log=log), host=host, port=port, log_level="warning")
 

@@ -132,6 +132,8 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
     assert {"shift_window", "detected_window", "false_alarms"} <= set(ops["drift"]) and len(ops["week_scores"]) == ops["drift"]["windows"]
     assert {"recovery_points", "original_drop_points"} <= set(ops["challenger"]) and ops["canary"]["requests"] == 120
     assert ops["server"]["errors"] == 0 and ops["rollback"]["exercised"] and ops["registry"]["versions"] >= 4
+    fl = ops["foundry_local"]  # the champion loaded in Foundry Local by its alias, under the registry's name and version
+    assert fl["loaded"] and fl["model_id"] == f"tones-ort-int4:{ops['registry']['champion']}" and fl["agreement_with_genai"] == 1.0
     assert (out/"05_operations"/"monitor"/"monitor.md").exists() and (out/"05_operations"/"requests.jsonl").exists()
     report = (out/"report.md").read_text()
     assert all(f"## {ch}" in report for ch in chapters) and "teacher_test_accuracy" in report

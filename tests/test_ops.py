@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from slmops_nb.data import Task
 from slmops_nb.export import build_direct
 from slmops_nb.monitor import served
+from slmops_nb.operate import wait_for_challenger
 from slmops_nb.registry import aliased, mlflow_client, register_model, set_alias, tracking_uri
-from slmops_nb.runtimes import throughput_copy
+from slmops_nb.runtimes import GenAIModel, throughput_copy
 from slmops_nb.serve import RequestLog, ServerProcess, read_request_log
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -33,15 +33,6 @@ def folders(tmp_path_factory):
     return {p: build_direct("workbench:base", root/f"base_{p}", p) for p in ("fp32", "int4")}
 
 
-def _wait_loaded(base_url: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = httpx.get(base_url + "/rollout").json()
-        if state["challenger_loaded"] or state["load_error"]: return state
-        time.sleep(0.2)
-    raise AssertionError("the challenger did not load")
-
-
 def _requests_total(base_url: str) -> dict:
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(base_url.removesuffix("/v1") + "/metrics").text)}
     return {(s.labels["version"], s.labels["status"]): s.value for s in families["slmops_requests"].samples if s.name.endswith("_total")}
@@ -52,7 +43,7 @@ def test_canary_share_metrics_and_log_through_the_openai_client(tmp_path, folder
     log = tmp_path/"requests.jsonl"
     args = ["--challenger", folders["int4"], "--canary", "0.3", "--request-log", log, "--log-prompts"]
     with ServerProcess(folders["fp32"], log=tmp_path/"serve.log", args=args) as server:
-        assert _wait_loaded(server.base_url)["challenger_loaded"]
+        assert wait_for_challenger(server.base_url)["challenger_loaded"]
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         for i in range(120):
             r = client.chat.completions.create(model="base_fp32", max_tokens=4, user=f"user-{i % 60}",
@@ -78,7 +69,7 @@ def test_a_failing_challenger_is_rolled_back_and_the_champion_serves_throughout(
     log = tmp_path/"requests.jsonl"
     args = ["--challenger", folders["int4"], "--canary", "0.5", "--max-p95-ms", "0.001", "--request-log", log]
     with ServerProcess(folders["fp32"], log=tmp_path/"serve.log", args=args) as server:
-        _wait_loaded(server.base_url)
+        wait_for_challenger(server.base_url)
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         for i in range(80):
             client.chat.completions.create(model="base_fp32", max_tokens=4, user=f"u{i}", messages=[{"role": "user", "content": "A fine day"}])
@@ -95,6 +86,8 @@ def test_a_broken_challenger_is_refused_at_load(tmp_path, folders):
     (tmp_path/"broken").mkdir(); (tmp_path/"broken"/"genai_config.json").write_text("{}")
     r = slmops("serve", folders["fp32"], "--challenger", tmp_path/"broken", "--port", "1")
     assert r.returncode == 2 and "is not an ONNX Runtime GenAI model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = slmops("serve", tmp_path/"no-such-model", "--challenger", folders["int4"], "--canary", "1.5", "--port", "1")
+    assert r.returncode == 2 and "share of users from 0 to 1, got 1.5" in r.stderr, r.stderr  # before anything loads
 
 
 def test_kill_9_mid_stream_keeps_the_log_and_the_registry(tmp_path, folders, monkeypatch):
@@ -148,7 +141,7 @@ def test_slmops_monitor_exits_1_on_drift_and_writes_its_report(tmp_path):
     assert r.returncode == 2 and "slmops serve MODEL --request-log" in r.stderr
 
 
-def test_slmops_promote_moves_the_alias_only_when_the_gate_passes(tmp_path, folders):
+def test_slmops_promote_moves_the_alias_only_when_the_gate_passes_and_foundry_local_serves_it(tmp_path, folders):
     run = tmp_path/"run"; run.mkdir()
     for alias, p in (("champion", "fp32"), ("challenger", "int4")):
         set_alias(run, "demo-ort", register_model("demo-ort", folders[p], {"slmops.precision": p}, run).version, alias)
@@ -162,3 +155,10 @@ def test_slmops_promote_moves_the_alias_only_when_the_gate_passes(tmp_path, fold
     r = slmops("promote", "demo-ort", "--registry", run, "--log", tmp_path/"good.jsonl", "--checklist", tmp_path/"metrics.json")
     assert r.returncode == 0 and "version 2 is the champion" in r.stdout, r.stdout + r.stderr
     assert aliased(mlflow_client(tracking_uri(run)), "demo-ort") == {"champion": "2"}
+    home, msgs = tmp_path/"foundry", [{"role": "user", "content": "I am so happy"}]
+    with ServerProcess("models:/demo-ort@champion", log=tmp_path/"serve.log", runtime="foundry",  # the new champion, by its alias
+                       args=["--registry", run, "--foundry-home", home]) as server:
+        answer = OpenAI(base_url=server.base_url, api_key="unused").chat.completions.create(
+            model="demo-ort-champion", max_tokens=6, messages=msgs).choices[0].message.content
+        assert _requests_total(server.base_url) == {("demo-ort:2", "200"): 1.0}  # Foundry Local's id of the registry's demo-ort/2
+    assert answer == GenAIModel(folders["int4"]).chat(msgs, 6) and (home/"models"/"demo-ort-2"/"inference_model.json").exists()

@@ -1,11 +1,11 @@
-"""Your task, your model: every chapter on a task file, on a generation task, and on a base model of another architecture."""
+"""Your task, your model: task files, data set folders, and every chapter on a task file of generation records with a Qwen2 base."""
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from slmops_nb.data import DATA_DIR, Task, load_task, task_from_params
+from slmops_nb.data import Task, load_task, task_from_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -42,35 +42,20 @@ def test_a_task_reads_the_splits_of_a_data_set_folder(tmp_path, intents_csv):
     assert [r["utterance"] for r in task.splits()["test"]] == [r["utterance"] for r in rows[5::6]]
 
 
-def test_every_chapter_through_a_task_file(tmp_path):
-    "slmops run -p task_file=shop.yaml: the built-in generation task's files by a YAML file with a system prompt (chapters 01-04)."
-    (tmp_path/"data").mkdir()
-    for split in ("train", "validation", "test"): shutil.copy(DATA_DIR/f"instructions_{split}.jsonl", tmp_path/"data")
-    (tmp_path/"shop.yaml").write_text("# the shop's questions\ntrain_file: data/instructions_train.jsonl\n"
-                                      "validation_file: data/instructions_validation.jsonl\ntest_file: data/instructions_test.jsonl\n"
-                                      "input_column: question\nlabel_column: answer\nkind: generation\n"
-                                      "system_prompt: You answer questions about the shop's products.\n")
+def test_every_chapter_on_a_task_file_of_generation_records_and_a_qwen2_base(tmp_path, numbers_jsonl, qwen_dir):
+    """slmops run -p task_file=numbers.yaml: JSONL input/output records (kind generation) by a YAML file with a system prompt and a
+    relative path, on a Qwen2 ChatML base; every chapter runs, everything is scored by chrF and ROUGE-L."""
+    (tmp_path/"data").mkdir(); shutil.copy(numbers_jsonl, tmp_path/"data"/"numbers.jsonl")
+    (tmp_path/"numbers.yaml").write_text("# numbers in words\ntrain_file: data/numbers.jsonl\ninput_column: input\n"
+                                         "label_column: output\nkind: generation\nsystem_prompt: You write numbers in words.\n")
     out = tmp_path/"run"
-    r = slmops("run", *CHAPTERS, "--profile", "smoke", "-p", "task_file=shop.yaml", "-p", "methods=['lora']", *SHORT,
-               "--out", out, "--no-progress", "--nbs", ROOT/"nbs", cwd=tmp_path)
+    r = slmops("run", "--profile", "smoke", "-p", "task_file=numbers.yaml", "-p", f"base_model={qwen_dir}",
+               "-p", "methods=['lora', 'qlora', 'olive_lora']", *SHORT, "--out", out, "--no-progress", "--nbs", ROOT/"nbs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(out)
     for ch in CHAPTERS:
-        assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"instructions_train.jsonl") and m[ch]["task"]["kind"] == "generation", ch
-        assert m[ch]["task"]["system_prompt"] == "You answer questions about the shop's products.", ch
-    assert m["02_distillation"]["metric"] == "chrf" and "rougeL" in m["03_finetuning"]["methods"]["lora"]
-    assert all("chrf" in v for v in m["04_deployment"]["variants"].values())
-
-
-def test_every_chapter_on_a_generation_task_and_a_qwen2_base(tmp_path, numbers_jsonl, qwen_dir):
-    "JSONL input/output records (kind=generation) on a Qwen2 ChatML base: every step runs; everything is scored by chrF and ROUGE-L."
-    out = tmp_path/"run"
-    r = slmops("run", "--profile", "smoke", "-p", f"train_file={numbers_jsonl}", "-p", "input_column=input",
-               "-p", "label_column=output", "-p", "kind=generation", "-p", f"base_model={qwen_dir}",
-               "-p", "methods=['lora', 'qlora', 'olive_lora']", *SHORT, "--out", out, "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = _metrics(out)
-    assert all(m[ch]["task"]["kind"] == "generation" and m[ch]["task"]["classes"] == [] for ch in CHAPTERS)
+        assert m[ch]["task"]["train_file"] == str(tmp_path/"data"/"numbers.jsonl") and m[ch]["task"]["kind"] == "generation", ch
+        assert m[ch]["task"]["system_prompt"] == "You write numbers in words." and m[ch]["task"]["classes"] == [], ch
     assert "chrf" in m["01_introduction"]["teacher_test_scores"] and m["02_distillation"]["metric"] == "chrf"
     assert {"teacher_chrf", "student_seq_kd_chrf", "retention"} <= set(m["02_distillation"])
     for name, s in m["03_finetuning"]["methods"].items():
@@ -84,7 +69,7 @@ def test_every_chapter_on_a_generation_task_and_a_qwen2_base(tmp_path, numbers_j
     assert m["04_deployment"]["foundry_local"]["loaded"] and m["04_deployment"]["server"]["errors"] == 0
     assert json.loads((out/"03_finetuning"/"merged"/"config.json").read_text())["model_type"] == "qwen2"
     ops = json.loads((out/"05_operations"/"metrics.json").read_text())  # operations on a generation task: chrF by window
-    assert ops["metric"] == "chrf" and ops["task"]["kind"] == "generation" and ops["server"]["errors"] == 0
+    assert ops["metric"] == "chrf" and ops["task"] == m["04_deployment"]["task"] and ops["server"]["errors"] == 0
 
 
 def test_a_bad_task_file_is_refused_before_anything_runs(tmp_path):
