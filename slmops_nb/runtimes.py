@@ -28,6 +28,7 @@ class ChatModel:
     name: str = "model"
     context_length: int = 0
     chat_tokenizer = None  # a Hugging Face tokenizer: its chat template renders the prompt
+    token_probs = False  # whether stream(..., probs=[]) collects each answer token's probability
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         "Token ids of `messages` rendered by the chat template, ready for the answer."
@@ -110,6 +111,7 @@ def check_genai_folder(folder) -> Path:
 # %% ../nbs/00g_runtimes.ipynb #c014
 class GenAIModel(ChatModel):
     "An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters per request."
+    token_probs = True  # stream(..., probs=[]) reports how sure the model was of each token
     def __init__(self, folder, name: str | None = None):
         import onnxruntime_genai as og
         self.og, self.folder = og, check_genai_folder(folder).resolve()
@@ -136,8 +138,9 @@ class GenAIModel(ChatModel):
         text = render_chat(self.chat_tokenizer, messages, True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None):
-        "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given."
+    def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None,
+               probs: list | None = None):
+        "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's probability into `probs`."
         if adapter is not None and adapter not in self.adapter_names:
             raise SlmopsError(f"Unknown adapter {adapter!r}: loaded are {self.adapter_names}.")
         if len(ids) + max_new_tokens > self.context_length:
@@ -157,8 +160,10 @@ class GenAIModel(ChatModel):
             raise
         decoder = self.tokenizer.create_stream()
         while not gen.is_done():
+            if probs is not None: logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)  # the next token's
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
+            if probs is not None: probs.append(float(1 / np.exp(logits - logits[token]).sum()))  # its softmax probability
             if token in self.stop_ids and not ignore_eos: break
             yield decoder.decode(token)
 
