@@ -11,11 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SLMOPS_CACHE", str(ROOT/".cache"/"test"))
 
 
-# pytest-xdist hands each process two tests to start with (the 1st and 2nd to one, the 3rd and 4th to the other): the smoke
-# run (it builds the tones' base and teacher) then nbdev_test in one; the Qwen2 run (it needs neither) then the run on your
-# data (it needs the base, built by then) in the other. From a cold cache no process waits for another's build.
-LONG = ("test_whole_workbook_smoke_run", "test_nbdev_test_passes", "test_every_chapter_on_a_task_file",
-        "test_every_chapter_on_your_own_data", "test_another_family_end_to_end")
+# pytest-xdist hands each process two tests to start with (the 1st and 2nd to one, the 3rd and 4th to the other), then one
+# test at a time. From a cold cache: the smoke run builds the tones' base and teacher, then nbdev_test uses them; the other
+# process first runs the Phi-3 and Gemma runs, which need neither, so that the Qwen2 run and the run on your data (which
+# need the base) start once it is built instead of waiting for it.
+LONG = ("test_whole_workbook_smoke_run", "test_nbdev_test_passes", "test_another_family_end_to_end",
+        "test_every_chapter_on_a_task_file", "test_every_chapter_on_your_own_data")
 
 
 def pytest_collection_modifyitems(items):
