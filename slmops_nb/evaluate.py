@@ -20,8 +20,8 @@ from .train import PadCollator
 
 # %% auto #0
 __all__ = ['HEADLINE', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy', 'label_scores',
-           'class_report', 'answer_loss', 'generation_scores', 'task_scores', 'answer_budget', 'task_predictions',
-           'evaluate_task', 'next_token_logits', 'logit_gap']
+           'class_report', 'answer_loss', 'generation_scores', 'task_answer', 'task_scores', 'answer_budget',
+           'task_predictions', 'evaluate_task', 'next_token_logits', 'logit_gap']
 
 # %% ../nbs/00f_evaluate.ipynb #c005
 @torch.no_grad()
@@ -123,6 +123,10 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
 
 # %% ../nbs/00f_evaluate.ipynb #e021
 HEADLINE = {"classification": "accuracy", "generation": "chrf"}  # the metric a task of each kind is judged by
+
+def task_answer(task: Task, text: str) -> str:
+    "An answer as the task scores it: the label it names for a classifier, the text itself for a generator."
+    return normalize_label(text, task.classes) if task.kind == "classification" else text
 
 def task_scores(task: Task, predictions: list[str], references: list[str], report: bool = False) -> dict:
     "The scores of a task's answers by its kind (with `report`, a classifier's per-class report and confusion matrix too)."

@@ -14,7 +14,7 @@ from .adapt import finetune, merge_adapter
 from .core import SlmopsError
 from .data import Task
 from .datagen import drifted_tones
-from .evaluate import HEADLINE, answer_budget, generate_answers, normalize_label, task_scores
+from .evaluate import HEADLINE, answer_budget, generate_answers, task_answer, task_scores
 from .models import load_tokenizer
 from .train import task_examples
 
@@ -74,8 +74,7 @@ def replay(base_url: str, requests: list[dict], task: Task, max_tokens: int, con
 
 def score(task: Task, records: list[dict], answers: list[str | None]) -> float:
     "The task's headline metric (accuracy or chrF) of `answers` to `records` (a failed request counts as wrong)."
-    answers = [normalize_label(a or "", task.classes) if task.kind == "classification" else a or "" for a in answers]
-    return task_scores(task, answers, [task.answer(r) for r in records])[HEADLINE[task.kind]]
+    return task_scores(task, [task_answer(task, a or "") for a in answers], [task.answer(r) for r in records])[HEADLINE[task.kind]]
 
 # %% ../nbs/05_operations.ipynb #o5041
 def logged_prompts(log, first: int, per_window: int) -> list[str]:
@@ -93,8 +92,7 @@ def as_prompts(task: Task) -> Task:
 def teacher_labels(task: Task, prompts: list[str], teacher, tokenizer) -> list[dict]:
     "Records of `as_prompts(task)` for `prompts`, answered by the teacher (labels normalized; an answer that is no label is dropped)."
     answers = generate_answers(teacher, tokenizer, prompts, answer_budget(tokenizer, task), 64, system=task.system_prompt or None)
-    out = [{task.input_column: p, task.label_column: normalize_label(a["answer"], task.classes) if task.kind == "classification"
-            else a["answer"]} for p, a in zip(prompts, answers)]
+    out = [{task.input_column: p, task.label_column: task_answer(task, a["answer"])} for p, a in zip(prompts, answers)]
     return [r for r in out if task.kind != "classification" or r[task.label_column] in task.classes]
 
 # %% ../nbs/05_operations.ipynb #o5051

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from .core import SlmopsError, atomic_dir, read_json, write_json
 from .data import Task, chat_text, render_chat
-from .evaluate import answer_budget, normalize_label, task_predictions
+from .evaluate import answer_budget, task_answer, task_predictions
 from .models import load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
@@ -49,7 +49,7 @@ class ChatModel:
         "The answers to a task's records: a label each for a classifier, text for a generator (the budget of `answer_budget`)."
         budget = answer_budget(self.chat_tokenizer, task)
         answers = [self.chat(task.messages(r), budget, **kw) for r in records]
-        return [normalize_label(a, task.classes) for a in answers] if task.kind == "classification" else answers
+        return [task_answer(task, a) for a in answers]
 
 # %% ../nbs/00g_runtimes.ipynb #c008
 class TorchModel(ChatModel):
