@@ -20,7 +20,8 @@ from .models import build_workbench, load_model, load_tokenizer
 from .runtimes import RUNTIMES, load_runtime
 
 # %% auto #0
-__all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'benchmark_workbench']
+__all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output',
+           'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -85,6 +86,26 @@ def bench_folders(variants: list[str], out_json="bench.json", requests: int = 20
     home = foundry_home or Path(out_json).resolve().parent/"foundry-home"  # Foundry Local's app data, next to the JSON
     return run_bench(specs, [task.prompt(r) for r in test[:requests]], task, test[:eval_limit], max_new_tokens=max_new_tokens,
                      foundry_home=home, out_json=out_json)
+
+# %% ../nbs/00j_bench.ipynb #c014e
+def structured_output(model, task: Task, records: list[dict], max_new_tokens: int = 48) -> dict:
+    "Share of invalid answers, ms per answer and tokens per second of `model` on `records`: free, with the task's constraint, and as JSON."
+    from slmops_nb.serve import answer_schema, follows, json_guidance, task_guidance
+    if not model.can_guide: raise SlmopsError(f"{model.name} cannot constrain its answers: measure an ONNX Runtime GenAI folder.")
+    if not records: raise SlmopsError("structured_output needs records to answer.")
+    ways = {"without": (None, False), "with": (task_guidance(task), False), "json": (json_guidance(answer_schema(task)), True)}
+    figures = {}
+    for way, (guidance, json_mode) in ways.items():
+        invalid = tokens = 0
+        with Timer() as t:
+            for r in records:
+                pieces = list(model.chat_stream(task.messages(r), max_new_tokens, **({"guidance": guidance} if guidance else {})))
+                tokens, invalid = tokens + len(pieces), invalid + (not follows(task, "".join(pieces), json_mode))
+        figures[way] = {"invalid_rate": invalid / len(records), "tokens_per_second": tokens / t.seconds,
+                        "ms_per_answer": 1000 * t.seconds / len(records)}
+    return {"invalid_rate_without": figures["without"]["invalid_rate"], "invalid_rate_with": figures["with"]["invalid_rate"],
+            "json_invalid_rate": figures["json"]["invalid_rate"], "examples": len(records),
+            **{k: {way: f[k] for way, f in figures.items()} for k in ("ms_per_answer", "tokens_per_second")}}
 
 # %% ../nbs/00j_bench.ipynb #c016
 def benchmark_workbench(fresh: bool = False) -> dict:

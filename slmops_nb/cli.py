@@ -138,6 +138,7 @@ def cmd_export(a) -> int:
     arg("--max-p95-ms", type=float, default=None, help="roll back when the challenger's recent p95 latency passes this"),
     arg("--min-agreement", type=float, default=None, help="roll back when fewer of the challenger's recent answers match the champion's"),
     arg("--task", default="", help="a classification task (file or built-in name): an answer that is not one of its labels counts as an error"),
+    arg("--constrain-labels", action="store_true", help="with --task: every answer is one of its labels (ONNX Runtime GenAI's guidance)"),
     arg("--request-log", default=None, help="append a JSON line per request to this file (for slmops monitor)"),
     arg("--log-prompts", action="store_true", help="also log the prompt's text, redacted (off by default: privacy first)"))
 def cmd_serve(a) -> int:
@@ -146,7 +147,7 @@ def cmd_serve(a) -> int:
     labels = load_task(a.task).classes if a.task else None
     serve(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
           a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
-          min_agreement=a.min_agreement, labels=labels)
+          min_agreement=a.min_agreement, labels=labels, constrain_labels=a.constrain_labels)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c015

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from .core import SlmopsError, seed_everything
 from .data import Task, stratified_split, write_jsonl
-from .evaluate import answer_budget, generate_answers, normalize_label
+from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model
 from .train import run_trainer, task_examples, train_causal_lm, training_defaults
 
@@ -205,7 +205,7 @@ def distill_summary(results: dict, methods, metric: str = "accuracy") -> dict:
     best = max(methods, key=lambda m: results[f"student_{m}"][metric])
     kd = [m for m in methods if m != "gold_only"]
     bs, tr = results[f"student_{best}"], results["teacher"]
-    points = 100 if metric == "accuracy" else 1  # chrF is already out of 100
+    points = POINTS[metric]
     return {f"teacher_{metric}": tr[metric],
             **{f"student_{m}_{metric}": results[f"student_{m}"][metric] for m in methods},
             "best_student": best, "retention": bs[metric] / tr[metric],

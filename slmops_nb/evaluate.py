@@ -19,9 +19,9 @@ from .models import stop_token_ids
 from .train import PadCollator
 
 # %% auto #0
-__all__ = ['HEADLINE', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy', 'label_scores',
-           'class_report', 'answer_loss', 'generation_scores', 'task_answer', 'task_scores', 'answer_budget',
-           'task_predictions', 'evaluate_task', 'next_token_logits', 'logit_gap']
+__all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy',
+           'label_scores', 'class_report', 'answer_loss', 'generation_scores', 'task_answer', 'task_scores',
+           'answer_budget', 'task_predictions', 'evaluate_task', 'next_token_logits', 'logit_gap']
 
 # %% ../nbs/00f_evaluate.ipynb #c005
 @torch.no_grad()
@@ -123,6 +123,7 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
 
 # %% ../nbs/00f_evaluate.ipynb #e021
 HEADLINE = {"classification": "accuracy", "generation": "chrf"}  # the metric a task of each kind is judged by
+POINTS = {"accuracy": 100, "chrf": 1}  # one point of each headline metric: accuracy is a share, chrF is out of 100 already
 
 def task_answer(task: Task, text: str) -> str:
     "An answer as the task scores it: the label it names for a classifier, the text itself for a generator."

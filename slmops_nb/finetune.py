@@ -13,19 +13,19 @@ from pathlib import Path
 from .adapt import ADAPTER_METHODS, finetune, lora_targets, trainable_parameters
 from .core import SlmopsError, read_json, write_json
 from .data import Task, chat_text, write_jsonl
-from .evaluate import answer_loss, evaluate_task
-from .measure import Timer
+from .evaluate import POINTS, answer_loss, evaluate_task
 from .models import load_base, load_tokenizer
-from .tools import olive_finetune, olive_run_config
+from .tools import finetune_workflow, olive_run_config
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args', 'olive_method',
-           'load_olive_method', 'olive_task_data', 'compare_methods', 'suggest', 'random_search', 'search_lora',
-           'finetune_task']
+__all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args',
+           'olive_method', 'load_olive_method', 'olive_task_data', 'olive_parity', 'compare_methods', 'suggest',
+           'random_search', 'search_lora', 'finetune_task']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
-FINETUNE_METHODS = ("full", *ADAPTER_METHODS, "olive_lora", "olive_qlora")
+OLIVE_CONTROLS = {"lora_as_olive": "lora", "qlora_as_olive": "qlora"}  # PEFT with Olive's recipe: the same loss, the same layers
+FINETUNE_METHODS = ("full", *ADAPTER_METHODS, "olive_lora", "olive_qlora", *OLIVE_CONTROLS)
 
 # %% ../nbs/03_finetuning.ipynb #f3a001
 def check_methods(methods) -> list[str]:
@@ -35,26 +35,28 @@ def check_methods(methods) -> list[str]:
     return list(methods)
 
 # %% ../nbs/03_finetuning.ipynb #f3a004
-FINETUNE_SIZES = {"epochs": {"default": 5, "smoke": 1}, "olive_epochs": {"default": 1, "smoke": 1},
+FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 1},
                   "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64},
                   "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
                   "qa_epochs": {"default": 2, "smoke": 1}}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
-def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1,
+def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 2e-3, batch_size: int = 8, grad_accum: int = 1,
                         seed: int = 0) -> dict:
-    "The Hugging Face `TrainingArguments` an Olive LoRA pass gets (as `olive finetune` flags or in a workflow's pass)."
+    "The Hugging Face `TrainingArguments` an Olive LoRA pass gets: the in-process runs' schedule and optimizer, no gradient checkpointing."
     args = {"num_train_epochs": epochs, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
-            "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10}
+            "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10,
+            "gradient_checkpointing": False, "optim": "adamw_torch"}
     return {**args, "max_steps": max_steps} if max_steps else args
 
 # %% ../nbs/03_finetuning.ipynb #f3a011
-def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32,
+def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32, dropout: float = 0.0,
                  target_modules=None, max_length: int = 64, threads: int | None = None, **training) -> Path:
-    "Fine-tune on `data_file` with `olive finetune --method lora|qlora` into `out/olive`; `training`: `olive_training_args`."
-    return olive_finetune(base, data_file, text_template, Path(out)/"olive", method=method.removeprefix("olive_"), r=r,
-                          alpha=alpha, target_modules=target_modules, max_seq_len=max_length,
-                          training_args=olive_training_args(**training), threads=threads)
+    "Fine-tune on `data_file` with Olive's LoRA or QLoRA pass (`olive run --config`, one example a sequence) into `out/olive`; `training`: `olive_training_args`."
+    config = finetune_workflow(base, data_file, text_template, method.removeprefix("olive_"), r=r, alpha=alpha,
+                               target_modules=target_modules, max_seq_len=max_length, training_args=olive_training_args(**training),
+                               strategy="line-by-line", dropout=dropout)
+    return olive_run_config(config, Path(out)/"olive", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], threads=threads)
 
 # %% ../nbs/03_finetuning.ipynb #f3a012
 def load_olive_method(method: str, base, folder) -> dict:
@@ -77,42 +79,61 @@ def olive_task_data(task: Task, records: list[dict], tokenizer, out) -> tuple[Pa
     return path, chat_text(tokenizer, prompt, "{" + task.label_column + "}", task.system_prompt or None)
 
 # %% ../nbs/03_finetuning.ipynb #f3a020
+def olive_parity(results: dict, metric: str) -> dict:
+    "Each Olive row's `metric` against PEFT's LoRA, split into Olive's recipe (its control against LoRA) and the rest (Olive against its control), in points."
+    points, out = POINTS[metric], {}
+    for m in ("olive_lora", "olive_qlora"):
+        control = m.removeprefix("olive_") + "_as_olive"
+        if m not in results or "lora" not in results: continue
+        row = {metric: results[m][metric], "vs_lora_points": points * (results[m][metric] - results["lora"][metric])}
+        if control in results: row.update(recipe_points=points * (results[control][metric] - results["lora"][metric]),
+                                          residual_points=points * (results[m][metric] - results[control][metric]))
+        out[m] = row
+    return out
+
+# %% ../nbs/03_finetuning.ipynb #f3a022
 def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
-                    max_steps: int = 0, olive_epochs: float = 1, lr: float = 3e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1,
-                    batch_size: int = 32, grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
-                    target_modules=None, max_length: int = 64, patience: int = 1, seed: int = 0, workflow: dict | None = None) -> dict:
-    "Every method on the same data, Olive's runs (and `workflow`, run with `olive run --config`) together first; each scored on the task's test split."
+                    max_steps: int = 0, lr: float = 2e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1, batch_size: int = 8,
+                    grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
+                    max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
+    "Every method on the same data and budget, each scored on the task's test split; Olive's runs train beside the in-process ones."
+    import torch
     check_methods(methods)
     out = Path(out)
+    target_modules = target_modules or lora_targets(base)  # Olive and PEFT adapt the same layers
     olive_methods = [m for m in methods if m.startswith("olive_")]
     olive_file, template = olive_task_data(task, data["train"], tokenizer, out)
-    target_modules = target_modules or lora_targets(base)  # Olive and PEFT adapt the same layers
-    olive_args = dict(epochs=olive_epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
-    threads = max(1, (os.cpu_count() or 1) // 3)  # the three runs share the cores (oversubscribed, they crawl)
-    with ThreadPoolExecutor(3) as pool, Timer() as t_olive:
-        jobs = {m: pool.submit(olive_method, m, base, olive_file, template, out/m, r=r, alpha=alpha, target_modules=target_modules,
-                               max_length=max_length, threads=threads, **olive_args) for m in olive_methods}
-        if workflow: jobs["workflow"] = pool.submit(olive_run_config, workflow, out/"olive_config"/"output",
-                                                    ["adapter/adapter_config.json"], threads=threads)
-        folders = {m: j.result() for m, j in jobs.items()}
-    print(f"{len(jobs)} Olive runs together, {threads} CPU thread(s) each: {t_olive.seconds:.0f} s")
-    common = dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, r=r, alpha=alpha,
-                  target_modules=target_modules, seed=seed, dropout=dropout, patience=patience)
-    results, histories, answers = {}, {}, {}
-    for m in methods:
-        print(f"--- {m}")
-        if m in olive_methods: res = load_olive_method(m, base, folders[m])
-        else:
-            res = finetune(m, base, tokenizer, examples["train"], examples["validation"], out/m, lr={"full": full_lr, "ia3": ia3_lr}.get(m, lr), **common)
-            histories[m] = res["log_history"]
+    training = dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
+    threads, share = torch.get_num_threads(), max(1, (os.cpu_count() or 1) // (len(olive_methods) + 1))
+    results, histories, answers, whole = {}, {}, {}, {}
+    def score(m: str, res: dict):
         ev = evaluate_task(res["model"], tokenizer, task, data["test"], examples=examples["test"], predictions=True)
         answers[m] = ev.pop("predictions")
         results[m] = {k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds")}
         results[m].update(eval_loss=answer_loss(res["model"], tokenizer, examples["validation"]), **ev)
-        del res; gc.collect()
         print({k: round(v, 4) for k, v in results[m].items()})
-    return {"results": results, "histories": histories, "answers": answers, "olive_seconds": t_olive.seconds,
-            "olive_folders": {m: folders[m] for m in olive_methods}, "workflow_folder": folders.get("workflow")}
+    pool = ThreadPoolExecutor(max(1, len(olive_methods)))
+    jobs = {m: pool.submit(olive_method, m, base, olive_file, template, out/m, r=r, alpha=alpha, dropout=dropout, lr=lr,
+                           target_modules=target_modules, max_length=max_length, threads=share, **training) for m in olive_methods}
+    try:
+        for m in [m for m in methods if m not in olive_methods]:
+            torch.set_num_threads(threads if all(j.done() for j in jobs.values()) else share)
+            print(f"--- {m}")
+            kind, ex, targets = OLIVE_CONTROLS.get(m, m), examples, target_modules
+            if m in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
+                whole = whole or {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
+                ex, targets = whole, [t for t in target_modules if kind == "lora" or t != "lm_head"]
+            res = finetune(kind, base, tokenizer, ex["train"], ex["validation"], out/m, lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr),
+                           r=r, alpha=alpha, dropout=dropout, target_modules=targets, patience=patience, **training)
+            histories[m] = res["log_history"]
+            score(m, res); del res; gc.collect()
+        folders = {m: j.result() for m, j in jobs.items()}
+    finally:
+        torch.set_num_threads(threads); pool.shutdown()
+    for m in olive_methods:
+        print(f"--- {m}")
+        score(m, load_olive_method(m, base, folders[m])); gc.collect()
+    return {"results": {m: results[m] for m in methods}, "histories": histories, "answers": answers, "olive_folders": folders}
 
 # %% ../nbs/03_finetuning.ipynb #da00dc0c
 SEARCH_SPACE = {"lr": (1e-6, 1e-3), "r": (8, 64), "batch_size": (8, 16, 32)}

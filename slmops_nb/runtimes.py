@@ -29,6 +29,7 @@ class ChatModel:
     context_length: int = 0
     chat_tokenizer = None  # a Hugging Face tokenizer: its chat template renders the prompt
     token_probs = False  # whether stream(..., probs=[]) collects each answer token's probability
+    can_guide = False  # whether stream(..., guidance=(kind, spec)) constrains the answer (ONNX Runtime GenAI's set_guidance)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         "Token ids of `messages` rendered by the chat template, ready for the answer."
@@ -112,6 +113,7 @@ def check_genai_folder(folder) -> Path:
 class GenAIModel(ChatModel):
     "An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters per request."
     token_probs = True  # stream(..., probs=[]) reports how sure the model was of each token
+    can_guide = True  # stream(..., guidance=...) constrains the answer
     def __init__(self, folder, name: str | None = None):
         import onnxruntime_genai as og
         self.og, self.folder = og, check_genai_folder(folder).resolve()
@@ -139,8 +141,8 @@ class GenAIModel(ChatModel):
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None,
-               probs: list | None = None):
-        "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's probability into `probs`."
+               probs: list | None = None, guidance: tuple[str, str] | None = None):
+        "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's probability into `probs`; only what `guidance` (kind, spec) allows."
         if adapter is not None and adapter not in self.adapter_names:
             raise SlmopsError(f"Unknown adapter {adapter!r}: loaded are {self.adapter_names}.")
         if len(ids) + max_new_tokens > self.context_length:
@@ -149,6 +151,7 @@ class GenAIModel(ChatModel):
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False,
                                   min_length=len(ids) + max_new_tokens if ignore_eos else 0)
+        if guidance: params.set_guidance(*guidance)
         gen = self.og.Generator(self.model, params)
         if adapter is not None: gen.set_active_adapter(self.adapters, adapter)
         try: gen.append_tokens(ids)
@@ -166,6 +169,13 @@ class GenAIModel(ChatModel):
             if probs is not None: probs.append(float(1 / np.exp(logits - logits[token]).sum()))  # its softmax probability
             if token in self.stop_ids and not ignore_eos: break
             yield decoder.decode(token)
+
+    def check_guidance(self, kind: str, spec: str):
+        "Raise ONNX Runtime GenAI's error when it cannot compile `spec` (a JSON schema, Lark grammar or regex) for this model."
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=8)
+        params.set_guidance(kind, spec)
+        self.og.Generator(self.model, params)  # the grammar is compiled against the tokenizer here
 
     def next_token_logits(self, prompts: list[str]) -> np.ndarray:
         "The logits of the token after each prompt, from the ids the folder's Hugging Face tokenizer gives (as `evaluate.next_token_logits`)."

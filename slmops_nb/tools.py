@@ -18,7 +18,8 @@ from .measure import PeakMemory, Timer
 from .models import resolve_model
 
 # %% auto #0
-__all__ = ['OLIVE_METHODS', 'ToolError', 'run_tool', 'run_olive', 'olive_finetune', 'finetune_workflow', 'olive_run_config']
+__all__ = ['OLIVE_METHODS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive', 'olive_finetune', 'finetune_workflow',
+           'olive_run_config']
 
 # %% ../nbs/00h_tools.ipynb #c005
 class ToolError(SlmopsError):
@@ -100,24 +101,31 @@ def olive_finetune(base, data_file, text_template: str, out, method: str = "lora
     return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout, threads)
 
 # %% ../nbs/00h_tools.ipynb #c024
+OLIVE_STRATEGIES = ("join", "line-by-line")  # how Olive 0.13 cuts training texts into sequences (its TextGenStrategy)
+
 def finetune_workflow(base, data_file, text_template: str, method: str = "lora", r: int = 8, alpha: int = 16,
                       target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
-                      training_args: dict | None = None, device: str = "cpu") -> dict:
-    "The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on `data_file`."
+                      training_args: dict | None = None, device: str = "cpu", strategy: str | None = None,
+                      dropout: float | None = None) -> dict:
+    "The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on `data_file`; `strategy` and `dropout` are what its flags cannot set."
     data_file, records = _finetune_data(method, r, data_file, text_template)
+    if strategy not in (None, *OLIVE_STRATEGIES):
+        raise SlmopsError(f"Unknown Olive data strategy {strategy!r}: use one of {OLIVE_STRATEGIES} (None: Olive's default, join).")
     lora = {"train_data_config": "train_data", "type": method, "torch_dtype": torch_dtype,
             "training_args": dict(training_args or {}), "r": r, "alpha": alpha}
     # as Olive's command does: --target_modules only for LoRA (its QLoRA targets every linear layer but lm_head)
     if method == "lora" and target_modules: lora["target_modules"] = list(target_modules)
     if method == "qlora": lora["save_quant_config"] = False
+    if dropout is not None: lora["lora_dropout"] = dropout  # Olive's default is 0.05
     providers = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
     if device not in providers: raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(providers)}.")
     provider = providers[device]
+    text = {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
+            "max_samples": len(records), **({"strategy": strategy} if strategy else {})}
     return {"systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [provider]}]}},
             "data_configs": [{"name": "train_data", "type": "HuggingfaceContainer",
                               "load_dataset_config": {"data_name": _data_format(data_file), "split": "train", "data_files": [str(data_file)]},
-                              "pre_process_data_config": {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len,
-                                                          "add_special_tokens": False, "max_samples": len(records)},
+                              "pre_process_data_config": text,
                               "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}],
             "passes": {"f": lora}, "host": "local_system", "target": "local_system", "no_artifacts": True,
             "input_model": {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),

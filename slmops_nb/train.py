@@ -41,9 +41,10 @@ def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int | None
     return out
 
 # %% ../nbs/00e_train.ipynb #c010
-def task_examples(tokenizer, task: Task, records: list[dict], max_length: int = 64) -> list[dict]:
-    "Tokenized chats of `records` as `task` asks them, loss on the answer only; refused when `max_length` (0: no limit) would cut an answer."
-    examples = encode_chats(tokenizer, [(task.prompt(r), task.answer(r)) for r in records], None, system=task.system_prompt or None)
+def task_examples(tokenizer, task: Task, records: list[dict], max_length: int = 64, completion_only: bool = True) -> list[dict]:
+    "Tokenized chats of `records` as `task` asks them, loss on the answer only (or the whole text); refused when `max_length` (0: no limit) would cut an answer."
+    examples = encode_chats(tokenizer, [(task.prompt(r), task.answer(r)) for r in records], None, completion_only,
+                            system=task.system_prompt or None)
     long = [len(e["input_ids"]) for e in examples if max_length and len(e["input_ids"]) > max_length]
     if long: raise DataError(f"{len(long)} of {len(examples)} examples take more than max_length={max_length} tokens (the longest "
                              f"{max(long)}): their answers would be cut. Set max_length to {max(long)} or more, or shorten them.")

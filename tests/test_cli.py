@@ -107,7 +107,7 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
     assert 0 < distill["synthetic_examples_kept"] <= distill["synthetic_examples_total"] and distill["param_ratio"] < 0.1
     assert (out/"02_distillation"/"synthetic.jsonl").exists() and (out/"02_distillation"/"student"/"config.json").exists()
     ft = json.loads((out/"03_finetuning"/"metrics.json").read_text())
-    assert set(ft["methods"]) == {"full", "lora", "qlora", "ia3", "olive_lora", "olive_qlora"}
+    assert set(ft["methods"]) == {"full", "lora", "qlora", "ia3", "olive_lora", "olive_qlora", "lora_as_olive", "qlora_as_olive"}
     for name, m in ft["methods"].items():
         assert set(m) == {"trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds", "eval_loss", "accuracy",
                           "f1", "perplexity"}, name
@@ -117,7 +117,9 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
     assert {"bleu", "rougeL", "chrf"} <= set(ft["generation"]) and ft["multi_adapter"]["adapters"] == ["task", "qa"]
     assert set(ft["custom_loss"]) == {"plain", "custom"} and "lora_accuracy_ratio" in ft
     assert (out/"03_finetuning"/"qa"/"model"/"adapter_config.json").exists() and (out/"03_finetuning"/"merged"/"config.json").exists()
-    assert (out/"03_finetuning"/"olive_config"/"output"/"adapter"/"adapter_config.json").exists()
+    assert (out/"03_finetuning"/"olive_cli"/"config.json").exists() and (out/"03_finetuning"/"olive_lora"/"olive"/"adapter").is_dir()
+    for m, p in ft["olive_parity"].items():  # Olive's gap to PEFT's LoRA = its recipe (the control) + the rest
+        assert abs(p["vs_lora_points"] - p["recipe_points"] - p["residual_points"]) < 1e-9, m
     assert list((out/"03_finetuning"/"lora"/"checkpoints"/"runs").rglob("events.out.tfevents.*"))  # TensorBoard
     dep = json.loads((out/"04_deployment"/"metrics.json").read_text())
     assert set(dep["variants"]) == {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int4", "foundry_int4"}
@@ -127,6 +129,7 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
         assert v["tokens_per_second"] > 0 and 0 <= v["accuracy"] <= 1, name
     assert dep["foundry_local"]["loaded"] and dep["server"]["errors"] == 0 and dep["server"]["wrong_answers"] == 0
     assert dep["server"]["requests"] == 24 and dep["int4_size_ratio"] < 0.3 and "int4_speedup_vs_pytorch" in dep
+    assert dep["structured_output"]["invalid_rate_with"] == 0 and dep["structured_output"]["json_invalid_rate"] == 0
     assert (out/"04_deployment"/"bench.json").exists() and (out/"04_deployment"/"ort_int4"/"genai_config.json").exists()
     ops = json.loads((out/"05_operations"/"metrics.json").read_text())
     assert {"shift_window", "detected_window", "false_alarms"} <= set(ops["drift"]) and len(ops["week_scores"]) == ops["drift"]["windows"]

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from slmops_nb.data import Task
+from slmops_nb.data import TONES, Task
 from slmops_nb.export import build_direct
 from slmops_nb.monitor import served
 from slmops_nb.operate import wait_for_challenger
@@ -62,6 +62,32 @@ def test_canary_share_metrics_and_log_through_the_openai_client(tmp_path, folder
     assert all("<email>" in l["prompt"] and "example.com" not in l["prompt"] for l in answered)
     beside = [l for l in lines if l.get("shadow")]
     assert len(beside) == canary and {l["role"] for l in beside} == {"champion"}
+
+
+def test_structured_output_validates_and_what_cannot_be_enforced_is_refused(tmp_path, folders):
+    "response_format json_schema and json_object answer JSON that validates; --constrain-labels answers a label; a schema the runtime cannot enforce is a 400 that says so."
+    import jsonschema
+    from openai import BadRequestError
+    schema = {"type": "object", "properties": {"tone": {"enum": list(TONES)}, "intensity": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["tone", "intensity"], "additionalProperties": False}
+    prompts = ["What a lovely surprise!", "I am so angry about the delay", "The parcel came on Tuesday", "I miss you so much"]
+    with ServerProcess(folders["int4"], log=tmp_path/"serve.log", args=["--task", "tones", "--constrain-labels"]) as server:
+        client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        def choice(prompt, **kw):
+            return client.chat.completions.create(model="base_int4", max_tokens=96, messages=[{"role": "user", "content": prompt}],
+                                                  **kw).choices[0]
+        def ask(prompt, **kw): return choice(prompt, **kw).message.content
+        objects = []
+        for p in prompts:
+            jsonschema.validate(json.loads(ask(p, response_format={"type": "json_schema", "json_schema": {"name": "tone", "schema": schema}})), schema)
+            c = choice(p, response_format={"type": "json_object"})  # any object: it may run on to max_tokens, as OpenAI's does
+            assert c.finish_reason == "length" or isinstance(json.loads(c.message.content), dict)
+            objects.append(c.finish_reason == "stop")
+            assert ask(p) in TONES  # the label constraint: the workbench base alone answers coarse sentiment
+        assert any(objects)
+        with pytest.raises(BadRequestError, match="cannot enforce this response_format"):
+            ask(prompts[0], response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "tuple"}}})
+        assert ask(prompts[0]) in TONES  # and the server goes on
 
 
 def test_a_failing_challenger_is_rolled_back_and_the_champion_serves_throughout(tmp_path, folders):
