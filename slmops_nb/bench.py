@@ -90,16 +90,17 @@ def bench_folders(variants: list[str], out_json="bench.json", requests: int = 20
 # %% ../nbs/00j_bench.ipynb #c014e
 def structured_output(model, task: Task, records: list[dict], max_new_tokens: int = 48) -> dict:
     "Share of invalid answers, ms per answer and tokens per second of `model` on `records`: free, with the task's constraint, and as JSON."
-    from slmops_nb.serve import answer_schema, follows, json_guidance, task_guidance
+    from slmops_nb.serve import answer_schema, follows, json_budget, json_guidance, task_guidance
     if not model.can_guide: raise SlmopsError(f"{model.name} cannot constrain its answers: measure an ONNX Runtime GenAI folder.")
     if not records: raise SlmopsError("structured_output needs records to answer.")
     ways = {"without": (None, False), "with": (task_guidance(task), False), "json": (json_guidance(answer_schema(task)), True)}
+    as_json = {"json", *(("with",) if task.kind == "generation" else ())}  # a generator's constraint is JSON too
     figures = {}
     for way, (guidance, json_mode) in ways.items():
-        invalid = tokens = 0
+        invalid, tokens, budget = 0, 0, max(max_new_tokens, json_budget(task)) if way in as_json else max_new_tokens
         with Timer() as t:
             for r in records:
-                pieces = list(model.chat_stream(task.messages(r), max_new_tokens, **({"guidance": guidance} if guidance else {})))
+                pieces = list(model.chat_stream(task.messages(r), budget, **({"guidance": guidance} if guidance else {})))
                 tokens, invalid = tokens + len(pieces), invalid + (not follows(task, "".join(pieces), json_mode))
         figures[way] = {"invalid_rate": invalid / len(records), "tokens_per_second": tokens / t.seconds,
                         "ms_per_answer": 1000 * t.seconds / len(records)}

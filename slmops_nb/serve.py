@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['ROLES', 'SECONDS', 'SHARES', 'ROLES_SERVED', 'RequestError', 'json_guidance', 'label_guidance', 'response_guidance',
-           'answer_schema', 'task_guidance', 'follows', 'parse_chat_request', 'ServerMetrics', 'redact_pii',
-           'RequestLog', 'read_request_log', 'user_share', 'check_rollout', 'Rollout', 'create_app', 'serve',
-           'free_port', 'ServerProcess', 'load_test']
+           'answer_schema', 'json_budget', 'task_guidance', 'follows', 'parse_chat_request', 'ServerMetrics',
+           'redact_pii', 'RequestLog', 'read_request_log', 'user_share', 'check_rollout', 'Rollout', 'create_app',
+           'serve', 'free_port', 'ServerProcess', 'load_test']
 
 # %% ../nbs/00i_serve.ipynb #c002
 import hashlib
@@ -76,10 +76,16 @@ def response_guidance(response_format) -> tuple[str, str] | None:
     raise RequestError(f"response_format.type must be text, json_object or json_schema, got {kind!r}.", "response_format")
 
 # %% ../nbs/00i_serve.ipynb #g104
+def _longest_answer(task: Task) -> int: return max(len(task.answer(r)) for r in task.splits()["train"])
+
 def answer_schema(task: Task) -> dict:
-    "The JSON schema of an answer to `task`: an object with the label column, one of the labels for a classifier, text for a generator."
-    value = {"enum": list(task.classes)} if task.kind == "classification" else {"type": "string"}
+    "The JSON schema of an answer to `task`: an object with the label column, one of the labels for a classifier, text no longer than its longest training answer for a generator."
+    value = {"enum": list(task.classes)} if task.kind == "classification" else {"type": "string", "maxLength": _longest_answer(task)}
     return {"type": "object", "properties": {task.label_column: value}, "required": [task.label_column], "additionalProperties": False}
+
+def json_budget(task: Task) -> int:
+    "New tokens an `answer_schema` answer may take: a token per character of the longest answer, and the object around it."
+    return _longest_answer(task) + len(task.label_column) + 16
 
 def task_guidance(task: Task) -> tuple[str, str]:
     "The constraint on a task's answers: its labels for a classifier, `answer_schema` JSON for a generator."

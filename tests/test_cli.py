@@ -13,6 +13,7 @@ from openai import OpenAI
 from slmops_nb.core import artifact_info
 from slmops_nb.models import resolve_model
 from slmops_nb.registry import model_folder
+from slmops_nb.runtimes import GenAIModel
 from slmops_nb.serve import ServerProcess
 from slmops_nb.runner import list_chapters, notebooks_dir
 
@@ -165,8 +166,9 @@ def _registry_holds_the_run(out, summary, dep, monkeypatch):
     with ServerProcess("models:/tones-ort-int4@champion", log=out/"serve-champion.log") as server:  # slmops serve models:/...
         client = OpenAI(base_url=server.base_url, api_key="unused")
         assert [m.id for m in client.models.list().data] == ["tones-ort-int4-champion"]
-        r = client.chat.completions.create(model="tones-ort-int4-champion", max_tokens=8, messages=[{"role": "user", "content": "Wow!"}])
-        assert r.choices[0].message.content
+        wow = [{"role": "user", "content": "Wow!"}]
+        r = client.chat.completions.create(model="tones-ort-int4-champion", max_tokens=8, messages=wow)
+        assert r.choices[0].message.content == GenAIModel(served).chat(wow, 8)  # the registered champion answers (a smoke one may say nothing)
 
 
 def test_bad_data_column_is_refused_before_any_model_loads(tmp_path, intents_csv):
