@@ -301,6 +301,10 @@ def _check_guidance(model, guidance: tuple[str, str]):
     try: model.check_guidance(*guidance)
     except Exception as e: raise RequestError(f"ONNX Runtime GenAI's guidance cannot enforce this response_format: {e}", "response_format")
 
+def _guided(req: dict) -> dict:
+    "The request's guidance as a runtime's keyword argument (none when it asks for none: every runtime answers then)."
+    return {"guidance": req["guidance"]} if req["guidance"] else {}
+
 def create_app(model, model_id: str | None = None, api_key: str | None = None, max_tokens_limit: int = 512,
                rollout: Rollout | None = None, log: RequestLog | None = None, labels_only: list[str] | None = None):
     "A FastAPI app serving `model` (any `runtimes.ChatModel`) with OpenAI's chat API; a `rollout` puts a challenger beside it; `labels_only`: answers constrained to them."
@@ -352,8 +356,7 @@ def create_app(model, model_id: str | None = None, api_key: str | None = None, m
     def timed(ex: dict, model, req):
         "The answer's pieces as they come, noting the time to the first one and, where the runtime tells, how sure it was."
         probs = [] if model.token_probs else None
-        kw = {**({} if probs is None else {"probs": probs}), **({"guidance": req["guidance"]} if req["guidance"] else {})}
-        for piece in model.chat_stream(req["messages"], req["max_tokens"], **kw):
+        for piece in model.chat_stream(req["messages"], req["max_tokens"], **({} if probs is None else {"probs": probs}), **_guided(req)):
             if "ttft_ms" not in ex:
                 ex["ttft_ms"] = round((time.perf_counter() - ex["t0"]) * 1000, 1)
                 metrics.ttft.labels(ex["version"]).observe(ex["ttft_ms"] / 1000)
@@ -365,7 +368,7 @@ def create_app(model, model_id: str | None = None, api_key: str | None = None, m
         role = rollout.other(ex["role"])
         if role is None or ex.get("status") != 200 or (log is None and rollout.min_agreement is None): return
         t0, other = time.perf_counter(), rollout.models[role]
-        try: text, error = other.chat(req["messages"], req["max_tokens"], **({"guidance": req["guidance"]} if req["guidance"] else {})), None
+        try: text, error = other.chat(req["messages"], req["max_tokens"], **_guided(req)), None
         except Exception as e: text, error = "", f"{type(e).__name__}: {e}"
         if log is not None:
             log.write({"time": time.time(), "id": ex["id"], "user": ex["user"], "role": role, "version": rollout.versions[role],
