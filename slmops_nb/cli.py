@@ -129,6 +129,7 @@ def cmd_export(a) -> int:
     arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
     arg("--model-id", help="the model's name in the API (default: the folder's name, or NAME-ALIAS)"),
     arg("--runtime", default="genai", help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted; "
+                                            "llamacpp: a GGUF folder (chapter 04's gguf_*); "
                                             "foundry: an exported folder in Foundry Local, in this process (needs --foundry-home)"),
     arg("--foundry-home", default=None, help="Foundry Local's app data folder (--runtime foundry)"),
     arg("--challenger", default=None, help="a second model (folder or models:/NAME@challenger) beside the champion"),

@@ -18,8 +18,8 @@ from .measure import PeakMemory, Timer
 from .models import resolve_model
 
 # %% auto #0
-__all__ = ['OLIVE_METHODS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive', 'olive_finetune', 'finetune_workflow',
-           'olive_run_config']
+__all__ = ['OLIVE_QUIET', 'OLIVE_METHODS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive', 'olive_finetune',
+           'text_data_config', 'finetune_workflow', 'olive_run_config']
 
 # %% ../nbs/00h_tools.ipynb #c005
 class ToolError(SlmopsError):
@@ -39,13 +39,13 @@ def _relocate(tmp: Path, final: Path):
 
 # %% ../nbs/00h_tools.ipynb #c009
 def run_tool(name: str, command: Callable[[Path], list], out, expect: list[str], timeout: float | None = None,
-             threads: int | None = None, scratch: tuple[str, ...] = (), title: str | None = None) -> Path:
-    "Run `command(tmp)` in a temporary folder that replaces `out` only if it succeeds and holds every path in `expect`."
+             threads: int | None = None, scratch: tuple[str, ...] = (), title: str | None = None, env: dict | None = None) -> Path:
+    "Run `command(tmp)` (with `env` added to the environment) in a temporary folder that replaces `out` only if it succeeds and holds every path in `expect`."
     out = Path(out).resolve()
     log = out.with_name(f"{out.name}.{name}.log")
     # tools that share the machine each get a few CPU threads: PyTorch takes every core by default, and two such
     # processes on the same cores slow each other down several times over
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     with atomic_dir(out) as tmp:
         cmd = [str(c) for c in command(tmp)]
         with open(log, "w") as f, Timer() as t:
@@ -66,10 +66,14 @@ def run_tool(name: str, command: Callable[[Path], list], out, expect: list[str],
     return out
 
 # %% ../nbs/00h_tools.ipynb #c013
+# Olive's telemetry off: its opt-out, and a CI marker, the only setting it reads before sending its first heartbeat
+# (olive/telemetry/telemetry.py, Telemetry._is_ci_environment); offline, that heartbeat waits ~10 s on DNS
+OLIVE_QUIET = {"OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"}
+
 def run_olive(args: list, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Run `olive ARGS -o OUT` and check that OUT holds every path in `expect`; OUT is replaced only on success."
     return run_tool("olive", lambda tmp: [sys.executable, "-m", "olive", *args, "-o", tmp], out, expect, timeout, threads,
-                    scratch=(".olive-cache",), title=f"olive {args[0]}")  # Olive keeps its cache in its working folder
+                    scratch=(".olive-cache",), title=f"olive {args[0]}", env=OLIVE_QUIET)  # Olive's cache: its working folder
 
 # %% ../nbs/00h_tools.ipynb #c015
 OLIVE_METHODS = ("lora", "qlora")
@@ -100,6 +104,15 @@ def olive_finetune(base, data_file, text_template: str, out, method: str = "lora
     if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout, threads)
     return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout, threads)
 
+# %% ../nbs/00h_tools.ipynb #c024a
+def text_data_config(name: str, data_file, text_template: str, max_seq_len: int, max_samples: int, strategy: str | None = None) -> dict:
+    "An Olive data config: the rows of a local JSON / CSV file as texts made by `text_template` (the one `olive finetune` writes)."
+    text = {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
+            "max_samples": max_samples, **({"strategy": strategy} if strategy else {})}
+    return {"name": name, "type": "HuggingfaceContainer",
+            "load_dataset_config": {"data_name": _data_format(Path(data_file)), "split": "train", "data_files": [str(data_file)]},
+            "pre_process_data_config": text, "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}
+
 # %% ../nbs/00h_tools.ipynb #c024
 OLIVE_STRATEGIES = ("join", "line-by-line")  # how Olive 0.13 cuts training texts into sequences (its TextGenStrategy)
 
@@ -120,13 +133,8 @@ def finetune_workflow(base, data_file, text_template: str, method: str = "lora",
     providers = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
     if device not in providers: raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(providers)}.")
     provider = providers[device]
-    text = {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
-            "max_samples": len(records), **({"strategy": strategy} if strategy else {})}
     return {"systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [provider]}]}},
-            "data_configs": [{"name": "train_data", "type": "HuggingfaceContainer",
-                              "load_dataset_config": {"data_name": _data_format(data_file), "split": "train", "data_files": [str(data_file)]},
-                              "pre_process_data_config": text,
-                              "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}],
+            "data_configs": [text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)],
             "passes": {"f": lora}, "host": "local_system", "target": "local_system", "no_artifacts": True,
             "input_model": {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
                             "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}},

@@ -123,7 +123,18 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
         assert abs(p["vs_lora_points"] - p["recipe_points"] - p["residual_points"]) < 1e-9, m
     assert list((out/"03_finetuning"/"lora"/"checkpoints"/"runs").rglob("events.out.tfevents.*"))  # TensorBoard
     dep = json.loads((out/"04_deployment"/"metrics.json").read_text())
-    assert set(dep["variants"]) == {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int4", "foundry_int4"}
+    assert set(dep["variants"]) == {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int4", "foundry_local"}
+    frontier = {v["name"]: v for v in dep["frontier"]}  # the smoke profile's: one block size
+    assert {"ort_fp32", "ort_int8", "ort_int4", "ort_int4_rtn_b32_sym", "ort_int4_mixed", "ort_int4_gptq"} <= set(frontier)
+    for name, v in frontier.items():
+        assert v["size_bytes"] > 0 and v["tokens_per_second"] > 0 and v["peak_memory_mb"] > 0 and 0 <= v["quality"] <= 1, name
+    assert frontier["ort_int4_rtn_b32_sym"]["size_bytes"] < 0.3 * frontier["ort_fp32"]["size_bytes"]
+    assert dep["vs_llama_cpp"]["decode_ratio"] > 0 and dep["vs_llama_cpp"]["ttft_ratio"] > 0  # ONNX Runtime GenAI over llama.cpp
+    assert set(dep["vs_llama_cpp"]["quality"]) == {dep["recommended"]["name"], "llama_cpp_q4_0", "llama_cpp_q4_k_m"}
+    best = frontier[dep["recommended"]["name"]]  # the fastest within the tolerance of fp32
+    assert (frontier["ort_fp32"]["quality"] - best["quality"]) * 100 <= dep["recommended"]["tolerance_points"]
+    assert all(v["tokens_per_second"] <= best["tokens_per_second"] for v in frontier.values()
+               if (frontier["ort_fp32"]["quality"] - v["quality"]) * 100 <= dep["recommended"]["tolerance_points"])
     for name, v in dep["variants"].items():
         assert set(v) == {"size_bytes", "load_seconds", "ttft_ms", "tokens_per_second", "latency_ms_p50", "latency_ms_p95",
                           "peak_memory_mb", "accuracy", "f1"}, name

@@ -123,6 +123,42 @@ def test_conversion_inputs_are_checked(tmp_path):
     assert not (tmp_path/"out").exists()
 
 
+def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
+    "Olive's RTN pass renames the logits output; quantize_genai points genai_config.json at it, so the folder runs."
+    from slmops_nb.export import fit_genai_outputs, frontier_passes, quantize_genai
+    passes = frontier_passes(genai_dir, block_sizes=(32,))
+    assert set(passes) == {"ort_int4_rtn_b32_sym", "ort_int4_rtn_b32_asym", "ort_int4_mixed", "ort_int4_hqq", "ort_int4_kquant"}
+    assert passes["ort_int4_mixed"]["int8"]["nodes_to_include"] == ["/model/embed_tokens/Gather", "/lm_head/MatMul"]
+    q = quantize_genai(genai_dir, tmp_path/"int4", passes["ort_int4_rtn_b32_sym"])
+    assert read_json(q/"genai_config.json")["model"]["decoder"]["outputs"]["logits"] == "logits_Q4"
+    assert (q/"model.onnx").stat().st_size < 0.3 * sum(f.stat().st_size for f in genai_dir.glob("model.onnx*"))
+    assert isinstance(GenAIModel(q).chat([{"role": "user", "content": "Wow!"}], 4), str)
+    cfg = read_json(q/"genai_config.json")
+    cfg["model"]["decoder"]["outputs"]["logits"] = "scores"
+    write_json(q/"genai_config.json", cfg)
+    with pytest.raises(SlmopsError, match="names the output 'scores', which model.onnx lacks"): fit_genai_outputs(q)
+
+
+def test_llama_cpp_side_by_side_with_genai(genai_dir, tmp_path):
+    "The workbench base to GGUF by llama.cpp's converter (its tokenizer taken as GPT-2's) and quantizer; slmops bench runs both runtimes in one run."
+    from slmops_nb.export import gguf_export
+    from slmops_nb.runtimes import ChatModel, LlamaCppModel
+    base = Path(resolve_model("workbench:base"))
+    gguf = gguf_export(base, tmp_path, ("q4_0",))
+    assert list(gguf) == ["q4_0"] and (gguf["q4_0"]/"model.gguf").stat().st_size < 0.5 * (base/"model.safetensors").stat().st_size
+    model, wow = LlamaCppModel(gguf["q4_0"]), [{"role": "user", "content": "Wow!"}]
+    assert model.prompt_ids(wow) == ChatModel.prompt_ids(model, wow)  # llama.cpp tokenizes as the Hugging Face tokenizer does
+    assert len(list(model.chat_stream(wow, 6, ignore_eos=True))) == 6
+    model.close()
+    out = tmp_path/"bench.json"
+    r = subprocess.run([SLMOPS, "bench", f"ort_fp32=genai:{genai_dir}", f"q4_0=llamacpp:{gguf['q4_0']}", "--requests", "2",
+                        "--eval-limit", "8", "--max-new-tokens", "8", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bench = read_json(out)["variants"]
+    assert bench["q4_0"]["kind"] == "llamacpp" and bench["q4_0"]["tokens_per_request"] == 8 and bench["ort_fp32"]["tokens_per_second"] > 0
+    with pytest.raises(SlmopsError, match="Unknown GGUF types"): gguf_export(base, tmp_path/"other", ("q3_k",))
+
+
 def test_slmops_bench_writes_bench_json(genai_dir, tmp_path):
     out = tmp_path/"bench.json"
     r = subprocess.run([SLMOPS, "bench", f"pytorch_fp32=pytorch:{resolve_model('workbench:base')}",
