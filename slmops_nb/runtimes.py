@@ -44,6 +44,12 @@ class ChatModel:
 
     def close(self): "Free what the runtime holds outside Python (most hold nothing: garbage collection frees them)."
 
+    def check_fits(self, ids: list[int], max_new_tokens: int):
+        "A clear error when the prompt and the answer would not fit the context."
+        if len(ids) + max_new_tokens > self.context_length:
+            raise SlmopsError(f"The prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens exceed the context "
+                              f"length {self.context_length}: shorten the prompt or ask for fewer tokens.")
+
     def chat_stream(self, messages: list[dict], max_new_tokens: int = 32, ignore_eos: bool = False, **kw):
         "Yield the answer to `messages` piece by piece."
         return self.stream(self.prompt_ids(messages), max_new_tokens, ignore_eos=ignore_eos, **kw)
@@ -159,9 +165,7 @@ class GenAIModel(ChatModel):
         "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's probability into `probs`; only what `guidance` (kind, spec) allows."
         if adapter is not None and adapter not in self.adapter_names:
             raise SlmopsError(f"Unknown adapter {adapter!r}: loaded are {self.adapter_names}.")
-        if len(ids) + max_new_tokens > self.context_length:
-            raise SlmopsError(f"The prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens exceed the context "
-                              f"length {self.context_length}: shorten the prompt or ask for fewer tokens.")
+        self.check_fits(ids, max_new_tokens)
         params = self.params(max_length=len(ids) + max_new_tokens, do_sample=False,
                              min_length=len(ids) + max_new_tokens if ignore_eos else 0)
         if guidance: params.set_guidance(*guidance)
@@ -232,9 +236,7 @@ class LlamaCppModel(ChatModel):
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False):
         "Yield the answer's text piece by piece (greedy); whole characters only, however the tokens split their bytes."
-        if len(ids) + max_new_tokens > self.context_length:
-            raise SlmopsError(f"The prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens exceed the context "
-                              f"length {self.context_length}: shorten the prompt or ask for fewer tokens.")
+        self.check_fits(ids, max_new_tokens)
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self._one_at_a_time:  # one llama.cpp context: requests on several threads take turns
             for n, token in enumerate(self.llm.generate(ids, temp=0.0, top_k=1, reset=True)):
