@@ -290,7 +290,8 @@ def frontier_passes(fp32_folder, block_sizes=(16, 32, 64, 128), accuracy_level: 
 # %% ../nbs/04_deployment.ipynb #fr05
 def gptq_workflow(merged, data_file, text_template: str, samples: int = 128, max_seq_len: int = 128) -> dict:
     "`olive optimize --precision int4`'s CPU recipe (GPTQ, then the ModelBuilder at int4), calibrated on `data_file` (texts by `text_template`) instead of wikitext-2 from the hub."
-    passes = {"gptq": {"type": "Gptq", "bits": 4, "sym": True, "data_config": "calibration"},
+    # group_size: the ModelBuilder's block (Olive's default, 128, must divide every layer's inputs: a small model's do not)
+    passes = {"gptq": {"type": "Gptq", "bits": 4, "sym": True, "group_size": 32, "data_config": "calibration"},
               "model_builder": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32, "int4_accuracy_level": 4,
                                 "int4_op_types_to_quantize": ["MatMul", "Gather"]}}
     workflow = _cpu_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(merged)).resolve())}, passes)
@@ -345,9 +346,11 @@ def llama_cpp_sources() -> Path:
     return dest
 
 # %% ../nbs/04_deployment.ipynb #lc02
-# the converter, told `gpt-2` for a byte-level BPE with GPT-2's regex whose vocabulary it does not know (it knows models by hash)
-_CONVERT = """
+# the converter, told the pre-tokenizer of a byte-level BPE whose vocabulary it does not know (it knows models by a hash of
+# their ids): `gpt-2` for GPT-2's regex, `qwen2` for Qwen2's; any other stays refused
+_CONVERT = r"""
 import json, runpy, sys
+QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 src = sys.argv.pop(1)
 sys.path[:0] = [src + "/gguf-py", src]
 from conversion import base
@@ -357,6 +360,9 @@ def pre_tokenizer(self, tokenizer):
     except NotImplementedError:
         pre = json.loads((self.dir_model/"tokenizer.json").read_text()).get("pre_tokenizer") or {}
         if pre.get("type") == "ByteLevel" and pre.get("use_regex", True): return "gpt-2"
+        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+        if ([p.get("type") for p in parts] == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == QWEN2
+                and not parts[1].get("use_regex", True)): return "qwen2"
         raise
 base.TextModel.get_vocab_base_pre = pre_tokenizer
 sys.argv[0] = src + "/convert_hf_to_gguf.py"

@@ -106,9 +106,9 @@ def test_seed_and_env():
 
 
 def test_the_toolkit_needs_only_the_core_requirements():
-    "Importing the package and its toolkit modules loads no package of an extra (olive, deploy, serve, workbook)."
+    "Importing the package and its toolkit modules loads no package of an extra (olive, deploy, llama, serve, workbook)."
     # (not bitsandbytes: PEFT imports it whenever it is installed, and works without it)
-    extras = ["olive", "onnxruntime", "onnxruntime_genai", "foundry_local_sdk", "fastapi", "uvicorn", "openai", "papermill",
+    extras = ["olive", "onnxruntime", "onnxruntime_genai", "foundry_local_sdk", "llama_cpp", "fastapi", "uvicorn", "openai", "papermill",
               "nbdev", "jupyterlab", "matplotlib", "optuna", "tensorboard"]
     code = ("import sys, slmops_nb, slmops_nb.core, slmops_nb.measure, slmops_nb.data, slmops_nb.datagen, slmops_nb.models, "
             "slmops_nb.train, slmops_nb.adapt, slmops_nb.evaluate, slmops_nb.runtimes, slmops_nb.tools, slmops_nb.artifacts\n"
