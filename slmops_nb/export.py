@@ -27,7 +27,7 @@ from .tools import olive_run_config, run_olive, run_tool, text_data_config
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['EXPORT_SIZES', 'BLOCK_SIZES', 'GGUF_TYPES', 'TOKENIZER_FILES', 'finetuned_models', 'check_int4',
+__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'finetuned_models', 'check_int4',
            'builder_architectures', 'check_exportable', 'olive_build', 'olive_optimize', 'fit_genai_outputs',
            'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct', 'int4_limit',
            'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
@@ -35,11 +35,13 @@ __all__ = ['EXPORT_SIZES', 'BLOCK_SIZES', 'GGUF_TYPES', 'TOKENIZER_FILES', 'fine
            'llama_cpp_sources', 'gguf_export']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
+GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
+
 EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"default": 10**9, "smoke": 64},
                 "server_requests": {"default": 200, "smoke": 24}, "soak_requests": {"default": 500, "smoke": 50},
                 "teacher_inputs": {"default": 64, "smoke": 16},  # inputs the served model labels as a teacher
                 "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,)},  # int4 RTN variants: each symmetric and not
-                "gguf_types": {"default": ("f16", "q8_0", "q4_0", "q4_k_m"), "smoke": ("q4_0", "q4_k_m")},  # llama.cpp's
+                "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m")},
                 # when chapter 03 did not run: its training, shrunk as chapter 03 shrinks it
                 "finetune_epochs": {"default": 5, "smoke": 1}, "qa_epochs": {"default": 2, "smoke": 1},
                 "train_limit": {"default": 10**9, "smoke": 256}}
@@ -322,8 +324,6 @@ def frontier_plot(rows: list[dict], recommended: str, path=None):
     return fig
 
 # %% ../nbs/04_deployment.ipynb #lc01
-GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
-
 def llama_cpp_sources() -> Path:
     "llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`) from the source release of the installed llama-cpp-python, fetched once into the cache."
     from importlib.metadata import PackageNotFoundError, version
