@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up .venv on first use (idempotent), then run.
 #   make workbook   the whole workbook on the embedded default (slmops run, default profile)
-#   make test       the test suite (pytest: unit, papermill chapters, CLI, bad input, nbdev_test)
+#   make test       the test suite (pytest: unit, papermill chapters, CLI, bad input, nbdev_test, the browser tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,7 +26,14 @@ workbook: $(STAMP)
 # One test process per core (pytest-xdist), the long whole-workbook runs first, one test at a time to whichever process
 # is free; one thread each: two processes of two threads on two cores spin against each other and run slower than one.
 # --durations: the slowest tests, in the log, to see where the time goes.
-test: $(STAMP)
+# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright, whose own browser download
+# cannot work offline; apt-get as root, or through sudo.
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(OFFLINE) SLMOPS_CACHE=$(CURDIR)/.cache/test OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxschedchunk 1 --durations 30 tests
 
 clean-cache:

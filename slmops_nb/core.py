@@ -30,7 +30,8 @@ from filelock import FileLock
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
            'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root',
            'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'cached_artifact',
-           'artifact_info', 'seed_everything', 'package_versions', 'env_report', 'quiet']
+           'artifact_info', 'seed_everything', 'package_versions', 'env_report', 'quiet', 'widget_progress',
+           'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -269,8 +270,7 @@ def env_report() -> dict:
 
 # %% ../nbs/00_core.ipynb #c054
 def quiet():
-    "Silence library noise a workbook reader does not need: tqdm's ipywidgets warning, PEFT's save warnings, loading bars (call it first)."
-    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets: plain progress lines instead
+    "Silence library noise a workbook reader does not need: PEFT's save warnings, loading bars, setup chatter (call it first)."
     # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
@@ -285,3 +285,22 @@ def quiet():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would flood notebook outputs
     except ImportError: pass
+
+# %% ../nbs/00_core.ipynb #c058
+def widget_progress() -> bool:
+    "Whether progress shows as widgets: in a Jupyter kernel with ipywidgets installed, unless `SLMOPS_PROGRESS=lines`."
+    if os.environ.get("SLMOPS_PROGRESS") == "lines": return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError: return False
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"  # the Jupyter kernel's shell; a terminal's or nbdev_test's is not
+
+# %% ../nbs/00_core.ipynb #c061
+def progress_bar(iterable=None, **kwargs):
+    "`tqdm` over `iterable`: a widget where `widget_progress()`, else a plain line at most every 10 s."
+    if widget_progress(): from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+        kwargs.setdefault("mininterval", 10)
+    return tqdm(iterable, **kwargs)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import SlmopsError
+from .core import SlmopsError, progress_bar
 from .data import Task, chat_text
 from .measure import Timer, latency_stats, model_size
 from .models import stop_token_ids
@@ -28,10 +28,9 @@ __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_labe
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, chat: bool = True,
                      scores: bool = False, progress: bool = False, system: str | None = None) -> list[dict]:
     "Greedy answer to each prompt: `prompt`, `answer`, `finished` (the turn ended); with `scores`, its probability and its tokens' mean."
-    from tqdm.auto import tqdm
     texts = [chat_text(tokenizer, p, system=system) for p in prompts] if chat else list(prompts)
     stop, out = stop_token_ids(tokenizer), []
-    for i in tqdm(range(0, len(texts), batch_size), desc="answers", disable=not progress, mininterval=10):
+    for i in progress_bar(range(0, len(texts), batch_size), desc="answers", disable=not progress):
         enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
@@ -48,9 +47,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
 # %% ../nbs/00f_evaluate.ipynb #c007
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, chat: bool = True,
-             system: str | None = None) -> list[str]:
+             system: str | None = None, progress: bool = False) -> list[str]:
     "Greedy completions of `prompts` (user messages, wrapped in the chat template after `system` when `chat`)."
-    return [a["answer"] for a in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat, system=system)]
+    return [a["answer"] for a in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat, system=system,
+                                                  progress=progress)]
 
 # %% ../nbs/00f_evaluate.ipynb #c010
 def normalize_label(text: str, labels) -> str:
@@ -65,9 +65,11 @@ def label_tokens(tokenizer, labels) -> int:
     return max(len(tokenizer(str(l), add_special_tokens=False)["input_ids"]) for l in labels) + 3
 
 # %% ../nbs/00f_evaluate.ipynb #c012
-def classify(model, tokenizer, prompts: list[str], labels, batch_size: int = 64, system: str | None = None) -> list[str]:
+def classify(model, tokenizer, prompts: list[str], labels, batch_size: int = 64, system: str | None = None,
+             progress: bool = False) -> list[str]:
     "The label the model answers for each prompt (generated greedily, then matched to `labels`)."
-    answers = generate(model, tokenizer, prompts, max_new_tokens=label_tokens(tokenizer, labels), batch_size=batch_size, system=system)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=label_tokens(tokenizer, labels), batch_size=batch_size, system=system,
+                       progress=progress)
     return [normalize_label(a, labels) for a in answers]
 
 # %% ../nbs/00f_evaluate.ipynb #c014
@@ -143,11 +145,11 @@ def answer_budget(tokenizer, task: Task, limit: int = 256) -> int:
     return min(limit, max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2)
 
 # %% ../nbs/00f_evaluate.ipynb #e025
-def task_predictions(model, tokenizer, task: Task, records: list[dict], batch_size: int = 64) -> list[str]:
-    "The model's answers to `records` as the task asks them: labels for a classifier, text for a generator."
+def task_predictions(model, tokenizer, task: Task, records: list[dict], batch_size: int = 64, progress: bool = False) -> list[str]:
+    "The model's answers to `records` as the task asks them: labels for a classifier, text for a generator (`progress`: a bar)."
     prompts, system = [task.prompt(r) for r in records], task.system_prompt or None
-    if task.kind == "classification": return classify(model, tokenizer, prompts, task.classes, batch_size, system)
-    return generate(model, tokenizer, prompts, answer_budget(tokenizer, task), batch_size, system=system)
+    if task.kind == "classification": return classify(model, tokenizer, prompts, task.classes, batch_size, system, progress)
+    return generate(model, tokenizer, prompts, answer_budget(tokenizer, task), batch_size, system=system, progress=progress)
 
 # %% ../nbs/00f_evaluate.ipynb #c022
 def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples: list[dict] | None = None, latency_repeats: int = 0,

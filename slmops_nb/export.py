@@ -5,6 +5,7 @@
 # %% ../nbs/04_deployment.ipynb #ddaa1bed
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,18 +22,20 @@ from .adapt import finetune, merge_adapter
 from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
 from .core import SlmopsError, atomic_dir, cache_root, read_json, write_json
 from .data import Task
+from .evaluate import POINTS
 from .models import load_tokenizer, resolve_model, task_model
 from .runtimes import GENAI_FILES, check_genai_folder
-from .tools import olive_run_config, run_olive, run_tool, text_data_config
+from .tools import ToolError, olive_run_config, run_olive, run_tool, text_data_config
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'finetuned_models', 'check_int4',
-           'builder_architectures', 'check_exportable', 'olive_build', 'olive_optimize', 'fit_genai_outputs',
-           'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct', 'int4_limit',
-           'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
+__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'DECODE_DIMS', 'SESSION_THREADS', 'finetuned_models',
+           'check_int4', 'builder_architectures', 'check_exportable', 'olive_build', 'olive_optimize',
+           'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct',
+           'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
            'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier', 'frontier_plot',
-           'llama_cpp_sources', 'gguf_export']
+           'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow', 'tune_session_params',
+           'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
@@ -309,17 +312,27 @@ def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16
         return {name: run.result() for name, run in runs.items()}
 
 # %% ../nbs/04_deployment.ipynb #fr10
-def frontier_plot(rows: list[dict], recommended: str, path=None):
-    "Size vs quality and speed vs quality of the frontier's rows, the recommended one in red; saved to `path` when given."
+def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: float = 10):
+    "Size and speed vs quality of the frontier's rows, the recommended one in red; saved to `path` when given. Rows more than `span_points` below the best are named under the plot, not drawn: they would squash the rest into one line."
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    from matplotlib.ticker import ScalarFormatter
+    metric, best = rows[0]["metric"], max(r["quality"] for r in rows)
+    far = [r for r in rows if (best - r["quality"]) * POINTS[metric] > span_points]
+    shown = [r for r in rows if r not in far]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in zip(axes, ("size_bytes", "tokens_per_second"), ("size on disk (MiB)", "decode tokens / s")):
-        for r in rows:
-            x = r[key] / 2**20 if key == "size_bytes" else r[key]
-            ax.scatter(x, r["quality"], s=70 if r["name"] == recommended else 30, c="tab:red" if r["name"] == recommended else "tab:blue")
-            ax.annotate(r["name"].removeprefix("ort_"), (x, r["quality"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set(xlabel=label, ylabel=f"test {rows[0]['metric']}", title=f"{label.split(' (')[0]} vs {rows[0]['metric']}")
-    fig.tight_layout()
+        for i, r in enumerate(sorted(shown, key=lambda r: r[key])):  # labels alternate above and below: neighbours overlap less
+            x, mine = (r[key] / 2**20 if key == "size_bytes" else r[key]), r["name"] == recommended
+            ax.scatter(x, r["quality"], s=70 if mine else 30, c="tab:red" if mine else "tab:blue", zorder=3)
+            ax.annotate(r["name"].removeprefix("ort_").removeprefix("int4_"), (x, r["quality"]), textcoords="offset points",
+                        xytext=(4, (6, -11, 15, -20)[i % 4]), fontsize=7)
+        ax.set(xlabel=label, ylabel=f"test {metric}", title=f"{label.split(' (')[0]} vs {metric}")
+        ax.margins(x=0.12, y=0.3)
+        if key == "size_bytes":  # fp32 is several times the rest: a log axis keeps the int4 sizes apart
+            ax.set_xscale("log"); ax.xaxis.set_major_formatter(ScalarFormatter()); ax.xaxis.set_minor_formatter(ScalarFormatter())
+    if far: fig.text(0.5, 0.01, f"not drawn, more than {span_points:g} points below the best: "
+                     + ", ".join(f"{r['name']} ({r['quality']:.3f})" for r in far), ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 if far else 0, 1, 1))
     if path: fig.savefig(path, dpi=100)
     return fig
 
@@ -394,3 +407,71 @@ def gguf_export(model, out, types=GGUF_TYPES) -> dict:
                                                                                       tmp/"model.gguf", t]), out/f"gguf_{t}", ["model.gguf"])
                               for t in types if t != "f16"}
     return {t: folders[t] for t in types}
+
+# %% ../nbs/04_deployment.ipynb #st02
+DECODE_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")  # the builder's names
+
+def decode_step_inputs(graph, past_len: int = 32) -> dict:
+    "A decoder's inputs for one decode step, read off its `graph` (a model.onnx): {name: (shape, dtype)}, one new token after a KV cache of `past_len`."
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+    size = dict(zip(DECODE_DIMS, (1, 1, past_len, past_len + 1)))
+    out = {}
+    for i in onnx.load(str(graph), load_external_data=False).graph.input:
+        dims = [d.dim_value or size.get(d.dim_param) for d in i.type.tensor_type.shape.dim]
+        if None in dims: raise SlmopsError(f"{graph}: input {i.name} has a dimension a decode step cannot size "
+                                           f"({[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}; known: {DECODE_DIMS}).")
+        out[i.name] = (dims, str(tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)))
+    return out
+
+# %% ../nbs/04_deployment.ipynb #st02b
+def session_tuning_workflow(graph_folder, threads, past_len: int = 32, samples: int = 128) -> dict:
+    "An Olive workflow: `OrtSessionParamsTuning` over intra-op `threads` for `graph_folder`'s decoder, each setting timed by Olive's latency evaluator on `samples` decode steps (`decode_step_inputs`)."
+    inputs = decode_step_inputs(Path(graph_folder)/"model.onnx", past_len)
+    steps = {"name": "decode_steps", "type": "DummyDataContainer",  # torch.ones of each shape: token id 1, a full mask
+             "load_dataset_config": {"input_names": list(inputs), "input_shapes": [s for s, _ in inputs.values()],
+                                     "input_types": [t for _, t in inputs.values()], "max_samples": samples}}
+    tune = {"type": "OrtSessionParamsTuning", "data_config": "decode_steps", "intra_thread_num_list": list(threads),
+            "inter_thread_num_list": [1], "execution_mode_list": [0]}  # sequential, one operator at a time: as GenAI runs
+    # the evaluator's type, set: left out, Olive 0.13 reads its None as a resource path's type and fails before it starts
+    latency = {"type": "OnnxEvaluator", "metrics": [{"name": "latency", "type": "latency", "data_config": "decode_steps",
+                                                      "sub_types": [{"name": "avg", "priority": 1}]}]}
+    graph = {"type": "ONNXModel", "model_path": str(Path(graph_folder).resolve()), "onnx_file_name": "model.onnx"}
+    return {**_cpu_workflow(graph, {"tune": tune}), "data_configs": [steps], "evaluators": {"latency": latency},
+            "evaluator": "latency", "search_strategy": {"execution_order": "joint", "sampler": "sequential"}}
+
+# %% ../nbs/04_deployment.ipynb #st03
+def tune_session_params(folder, out, threads=None, timeout: float | None = None) -> dict:
+    "Olive's session tuning of a GenAI folder's decoder over intra-op thread counts (1 to every logical core by default): the latency per decode step with ONNX Runtime's defaults and with each count, and the settings Olive chose."
+    folder = check_genai_folder(folder).resolve()
+    threads = list(threads or range(1, (os.cpu_count() or 1) + 1))
+    # the decoder alone as Olive's input: Olive copies its input folder into the output, where the folder's own
+    # footprint.json (from the run that built it) would replace this run's
+    with tempfile.TemporaryDirectory() as graph:
+        for f in folder.glob("model.onnx*"): os.symlink(f, Path(graph)/f.name)
+        res = olive_run_config(session_tuning_workflow(graph, threads), out, ["footprint.json", "model_config.json"], timeout)
+    for f in res.glob("model.onnx*"): f.unlink()  # Olive's copy of the graph: the settings are the result
+    nodes = read_json(res/"footprint.json").values()  # {model id: what Olive ran and measured}
+    def ms(n): return n["metrics"]["value"]["latency-avg"]["value"]
+    points = sorted(({"intra_op_num_threads": n["pass_run_config"]["intra_thread_num_list"], "latency_ms": ms(n)}
+                     for n in nodes if n["from_pass"] == "ortsessionparamstuning" and n.get("metrics")), key=lambda p: p["intra_op_num_threads"])
+    if len(points) != len(threads): raise ToolError(f"Olive's session tuning measured {len(points)} of {len(threads)} settings; see {res}.olive.log.")
+    chosen = read_json(res/"model_config.json")["config"]["inference_settings"]["session_options"]
+    return {"default_latency_ms": next(ms(n) for n in nodes if n["from_pass"] is None), "points": points,
+            "chosen": {k: v for k, v in chosen.items() if v is not None}}
+
+# %% ../nbs/04_deployment.ipynb #st05
+SESSION_THREADS = ("intra_op_num_threads", "inter_op_num_threads")  # the session options genai_config.json takes from Olive's
+
+def with_session_options(folder, out, options: dict) -> Path:
+    "A copy of GenAI `folder` (its files hard-linked) whose decoder runs with the ONNX Runtime session `options` in genai_config.json."
+    folder = check_genai_folder(folder).resolve()
+    unknown = set(options) - set(SESSION_THREADS)
+    if unknown: raise SlmopsError(f"Session options {sorted(unknown)} are not set here: choose among {SESSION_THREADS}.")
+    cfg = read_json(folder/"genai_config.json")
+    cfg["model"]["decoder"].setdefault("session_options", {}).update(options)
+    with atomic_dir(out) as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and f.name != "genai_config.json": os.link(f, tmp/f.name)
+        write_json(tmp/"genai_config.json", cfg)
+    return Path(out)

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 from .core import SlmopsError, atomic_write_text, check_profile, env_report, new_run_dir, read_json, to_jsonable, write_json
 from .data import TASK_FIELDS, Task, task_from_params
@@ -198,9 +199,11 @@ def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progre
     executed, outcome, done = chapter_out/src.name, {}, threading.Event()
     def execute():  # in a thread: signals go to the main thread, which interrupts the kernel instead of tearing it down
         try:
-            pm.execute_notebook(str(src), str(executed), parameters={"profile": profile, "out_dir": str(chapter_out), **params},
-                                kernel_name="python3", cwd=str(src.parent), progress_bar=progress, log_output=False,
-                                request_save_on_cell_execute=True, km=km)
+            # the kernel inherits SLMOPS_PROGRESS=lines: progress as a few lines in the saved notebook, not frozen widgets
+            with mock.patch.dict(os.environ, SLMOPS_PROGRESS="lines"):
+                pm.execute_notebook(str(src), str(executed), parameters={"profile": profile, "out_dir": str(chapter_out), **params},
+                                    kernel_name="python3", cwd=str(src.parent), progress_bar=progress, log_output=False,
+                                    request_save_on_cell_execute=True, km=km)
         except BaseException as e: outcome["error"] = e
         finally:
             if km.has_kernel: asyncio.run(km.shutdown_kernel(now=True))

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .core import SlmopsError
+from .core import SlmopsError, progress_bar, widget_progress
 from .data import DataError, Task, chat_text
 from .measure import Timer
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'EpochLogger', 'overfitting_points',
+__all__ = ['encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'EpochLogger', 'StepBar', 'overfitting_points',
            'OverfittingWarning', 'training_defaults', 'run_trainer', 'train_causal_lm', 'class_weights',
            'weighted_examples', 'WeightedLossTrainer']
 
@@ -81,6 +81,16 @@ class EpochLogger(TrainerCallback):
         if evals: msg += f" eval_loss {evals[-1]:.3f}"
         print(msg, flush=True)
 
+# %% ../nbs/00e_train.ipynb #c015b
+class StepBar(TrainerCallback):
+    "A progress bar over a training run's steps with the last loss (`progress_bar`: a widget in JupyterLab)."
+    def __init__(self, name: str = "train"): self.name, self.bar = name, None
+    def on_train_begin(self, args, state, control, **kw): self.bar = progress_bar(total=state.max_steps, desc=self.name)
+    def on_step_end(self, args, state, control, **kw): self.bar.update(state.global_step - self.bar.n)
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is not None and "loss" in (logs or {}): self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+    def on_train_end(self, args, state, control, **kw): self.bar.close()
+
 # %% ../nbs/00e_train.ipynb #c017
 def overfitting_points(log_history: list[dict]) -> list[dict]:
     "Evaluations where the validation loss rose while the mean training loss since the last evaluation fell."
@@ -114,8 +124,9 @@ def training_defaults() -> dict:
 
 # %% ../nbs/00e_train.ipynb #c023
 def run_trainer(trainer, name: str = "train") -> dict:
-    "Train with a few `EpochLogger` lines instead of progress bars; returns the seconds and the loss history."
+    "Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab); returns the seconds and the loss history."
     trainer.add_callback(EpochLogger(name))
+    if widget_progress(): trainer.add_callback(StepBar(name))
     trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
     with Timer() as t: trainer.train()
     trainer.model.eval()

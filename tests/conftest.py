@@ -24,6 +24,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: next((i for i, name in enumerate(LONG) if item.name.startswith(name)), len(LONG)))
 
 
+def copy_project(dst: Path) -> Path:
+    "The files nbdev and the docs read (settings, setup, README, _quarto.yml, nbs/, the library) copied to `dst`."
+    import shutil
+    dst.mkdir(parents=True)
+    for f in ("settings.ini", "setup.py", "README.md", "_quarto.yml"): shutil.copy(ROOT/f, dst/f)
+    shutil.copytree(ROOT/"nbs", dst/"nbs", symlinks=True, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(ROOT/"slmops_nb", dst/"slmops_nb", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    "A copy of the project in the test's temporary folder, for commands that write into it (nbdev, JupyterLab saves)."
+    return copy_project(tmp_path/"proj")
+
+
 @pytest.fixture(autouse=True)
 def runs_root(tmp_path, monkeypatch):
     "Every test writes run folders into its own temporary folder, never into the repository."

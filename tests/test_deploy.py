@@ -139,6 +139,23 @@ def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
     with pytest.raises(SlmopsError, match="names the output 'scores', which model.onnx lacks"): fit_genai_outputs(q)
 
 
+def test_olive_session_tuning_times_each_thread_count(genai_dir, tmp_path):
+    "Olive's OrtSessionParamsTuning on decode steps read off the graph: a latency per thread count, the fastest chosen, applied for GenAI."
+    from slmops_nb.export import tune_session_params, with_session_options
+    t = tune_session_params(genai_dir, tmp_path/"tuning", threads=(1, 2))
+    assert [p["intra_op_num_threads"] for p in t["points"]] == [1, 2] and all(p["latency_ms"] > 0 for p in t["points"])
+    assert t["chosen"]["intra_op_num_threads"] == min(t["points"], key=lambda p: p["latency_ms"])["intra_op_num_threads"]
+    assert not list((tmp_path/"tuning").glob("model.onnx*"))  # the settings are the result, not a copy of the graph
+    tuned = with_session_options(genai_dir, tmp_path/"tuned", {"intra_op_num_threads": 1})
+    assert read_json(tuned/"genai_config.json")["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    assert (tuned/"model.onnx").stat().st_ino == (genai_dir/"model.onnx").stat().st_ino  # hard-linked, not copied
+    wow = [{"role": "user", "content": "Wow!"}]
+    assert GenAIModel(tuned).chat(wow, 4) == GenAIModel(genai_dir).chat(wow, 4)
+    with pytest.raises(SlmopsError, match=r"\['graph_optimization_level'\] are not set here"):
+        with_session_options(genai_dir, tmp_path/"bad", {"graph_optimization_level": 99})
+    assert not (tmp_path/"bad").exists()
+
+
 def test_llama_cpp_side_by_side_with_genai(genai_dir, tmp_path):
     "The workbench base to GGUF by llama.cpp's converter (its tokenizer taken as GPT-2's) and quantizer; slmops bench runs both runtimes in one run."
     from slmops_nb.export import gguf_export
