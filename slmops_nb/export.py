@@ -24,8 +24,8 @@ from .core import SlmopsError, atomic_dir, cache_root, read_json, write_json
 from .data import Task
 from .evaluate import POINTS
 from .models import load_tokenizer, resolve_model, task_model
-from .runtimes import GENAI_FILES, check_genai_folder
-from .tools import ToolError, olive_run_config, run_olive, run_tool, text_data_config
+from .runtimes import GENAI_FILES, check_genai_folder, genai_copy
+from .tools import ToolError, olive_run_config, olive_workflow, run_olive, run_tool, text_data_config
 from .train import task_examples
 
 # %% auto #0
@@ -159,13 +159,6 @@ def olive_int8(fp32_folder, out, timeout: float | None = None) -> Path:
     "Dynamic int8 weights (`olive quantize --algorithm rtn --precision int8 --implementation ort`) of a GenAI fp32 folder."
     return olive_quantize(fp32_folder, out, "rtn", "int8", "ort", timeout)
 
-# %% ../nbs/04_deployment.ipynb #ex11b
-def _cpu_workflow(input_model: dict, passes: dict) -> dict:
-    "An Olive workflow on this machine's CPU: `input_model` through `passes`, in order."
-    cpu = {"type": "LocalSystem", "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}
-    return {"input_model": input_model, "systems": {"local_system": cpu}, "passes": passes,
-            "host": "local_system", "target": "local_system", "log_severity_level": 3}
-
 # %% ../nbs/04_deployment.ipynb #ex12
 def builder_config(model, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
                    quantize_embeddings: bool = True) -> dict:
@@ -175,7 +168,7 @@ def builder_config(model, precision: str = "int4", block_size: int = 32, symmetr
     builder = {"type": "ModelBuilder", "precision": precision}
     if precision == "int4": builder.update(int4_block_size=block_size, int4_is_symmetric=symmetric,
                                            int4_op_types_to_quantize=["MatMul", "Gather"] if quantize_embeddings else ["MatMul"])
-    return _cpu_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(model)).resolve())}, {"builder": builder})
+    return olive_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(model)).resolve())}, {"builder": builder})
 
 # %% ../nbs/04_deployment.ipynb #ex13
 def build_direct(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
@@ -264,7 +257,7 @@ def genai_input(folder) -> dict:
 # %% ../nbs/04_deployment.ipynb #fr02
 def quantize_genai(fp32_folder, out, passes: dict, timeout: float | None = None) -> Path:
     "A GenAI folder from `fp32_folder` through Olive's weight-only `passes` (`olive run --config`), runnable by ONNX Runtime GenAI."
-    return runnable(olive_run_config(_cpu_workflow(genai_input(fp32_folder), passes), out, GENAI_FILES, timeout))
+    return runnable(olive_run_config(olive_workflow(genai_input(fp32_folder), passes), out, GENAI_FILES, timeout))
 
 # %% ../nbs/04_deployment.ipynb #fr03
 def embedding_and_head(fp32_folder) -> tuple[str, str]:
@@ -299,8 +292,8 @@ def gptq_workflow(merged, data_file, text_template: str, samples: int = 128, max
     passes = {"gptq": {"type": "Gptq", "bits": 4, "sym": True, "group_size": 32, "data_config": "calibration"},
               "model_builder": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32, "int4_accuracy_level": 4,
                                 "int4_op_types_to_quantize": ["MatMul", "Gather"]}}
-    workflow = _cpu_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(merged)).resolve())}, passes)
-    return {**workflow, "data_configs": [text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")]}
+    return olive_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(merged)).resolve())}, passes,
+                          data_configs=[text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")])
 
 # %% ../nbs/04_deployment.ipynb #fr06
 def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128), jobs: int = 2) -> dict:
@@ -437,8 +430,8 @@ def session_tuning_workflow(graph_folder, threads, past_len: int = 32, samples: 
     latency = {"type": "OnnxEvaluator", "metrics": [{"name": "latency", "type": "latency", "data_config": "decode_steps",
                                                       "sub_types": [{"name": "avg", "priority": 1}]}]}
     graph = {"type": "ONNXModel", "model_path": str(Path(graph_folder).resolve()), "onnx_file_name": "model.onnx"}
-    return {**_cpu_workflow(graph, {"tune": tune}), "data_configs": [steps], "evaluators": {"latency": latency},
-            "evaluator": "latency", "search_strategy": {"execution_order": "joint", "sampler": "sequential"}}
+    return olive_workflow(graph, {"tune": tune}, data_configs=[steps], evaluators={"latency": latency}, evaluator="latency",
+                          search_strategy={"execution_order": "joint", "sampler": "sequential"})
 
 # %% ../nbs/04_deployment.ipynb #st03
 def tune_session_params(folder, out, threads=None, timeout: float | None = None) -> dict:
@@ -464,14 +457,7 @@ def tune_session_params(folder, out, threads=None, timeout: float | None = None)
 SESSION_THREADS = ("intra_op_num_threads", "inter_op_num_threads")  # the session options genai_config.json takes from Olive's
 
 def with_session_options(folder, out, options: dict) -> Path:
-    "A copy of GenAI `folder` (its files hard-linked) whose decoder runs with the ONNX Runtime session `options` in genai_config.json."
-    folder = check_genai_folder(folder).resolve()
+    "A copy of GenAI `folder` (`genai_copy`: its files hard-linked) whose decoder runs with the ONNX Runtime session `options`."
     unknown = set(options) - set(SESSION_THREADS)
     if unknown: raise SlmopsError(f"Session options {sorted(unknown)} are not set here: choose among {SESSION_THREADS}.")
-    cfg = read_json(folder/"genai_config.json")
-    cfg["model"]["decoder"].setdefault("session_options", {}).update(options)
-    with atomic_dir(out) as tmp:
-        for f in folder.iterdir():
-            if f.is_file() and f.name != "genai_config.json": os.link(f, tmp/f.name)
-        write_json(tmp/"genai_config.json", cfg)
-    return Path(out)
+    return genai_copy(folder, out, lambda cfg: cfg["model"]["decoder"].setdefault("session_options", {}).update(options))

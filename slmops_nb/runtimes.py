@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import queue
 import shutil
 import threading
@@ -23,7 +24,7 @@ from .models import load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
 __all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'GenAIModel', 'cpu_threads',
-           'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'throughput_copy', 'FoundryLocal',
+           'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'genai_copy', 'throughput_copy', 'FoundryLocal',
            'foundry_model_id', 'load_runtime']
 
 # %% ../nbs/00g_runtimes.ipynb #c005
@@ -270,16 +271,25 @@ def foundry_model_folder(genai_folder, out, name: str) -> Path:
                             "execution_provider": "CPUExecutionProvider", "task": "chat-completion"}})
     return Path(out)
 
+# %% ../nbs/00g_runtimes.ipynb #c022b
+def genai_copy(genai_folder, out, edit) -> Path:
+    "A copy of a GenAI folder (its files hard-linked where the file system allows) whose genai_config.json `edit(cfg)` changes in place."
+    src = check_genai_folder(genai_folder).resolve()
+    cfg = read_json(src/"genai_config.json")
+    edit(cfg)
+    with atomic_dir(out) as tmp:
+        for f in src.iterdir():
+            if f.is_dir(): shutil.copytree(f, tmp/f.name)
+            elif f.name != "genai_config.json":
+                try: os.link(f, tmp/f.name)
+                except OSError: shutil.copy2(f, tmp/f.name)  # another file system
+        write_json(tmp/"genai_config.json", cfg)
+    return Path(out)
+
 # %% ../nbs/00g_runtimes.ipynb #c023
 def throughput_copy(genai_folder, out) -> Path:
     "A copy of a GenAI folder whose search options never stop early (min_length = context): for timing decode speed."
-    src = check_genai_folder(genai_folder)
-    with atomic_dir(out) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        cfg = read_json(tmp/"genai_config.json")
-        cfg["search"]["min_length"] = cfg["model"]["context_length"]
-        write_json(tmp/"genai_config.json", cfg)
-    return Path(out)
+    return genai_copy(genai_folder, out, lambda cfg: cfg["search"].update(min_length=cfg["model"]["context_length"]))
 
 # %% ../nbs/00g_runtimes.ipynb #c025
 class FoundryLocal(ChatModel):

@@ -18,8 +18,8 @@ from .measure import PeakMemory, Timer
 from .models import resolve_model
 
 # %% auto #0
-__all__ = ['OLIVE_QUIET', 'OLIVE_METHODS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive', 'olive_finetune',
-           'text_data_config', 'finetune_workflow', 'olive_run_config']
+__all__ = ['OLIVE_QUIET', 'OLIVE_METHODS', 'OLIVE_PROVIDERS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive',
+           'olive_finetune', 'text_data_config', 'olive_workflow', 'finetune_workflow', 'olive_run_config']
 
 # %% ../nbs/00h_tools.ipynb #c005
 class ToolError(SlmopsError):
@@ -113,6 +113,17 @@ def text_data_config(name: str, data_file, text_template: str, max_seq_len: int,
             "load_dataset_config": {"data_name": _data_format(Path(data_file)), "split": "train", "data_files": [str(data_file)]},
             "pre_process_data_config": text, "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}
 
+# %% ../nbs/00h_tools.ipynb #c023x
+OLIVE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+
+def olive_workflow(input_model: dict, passes: dict, device: str = "cpu", **extra) -> dict:
+    "An Olive workflow on this machine: `input_model` through `passes` (in order) on `device`; `extra`: more top-level keys."
+    if device not in OLIVE_PROVIDERS:
+        raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(OLIVE_PROVIDERS)}.")
+    system = {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [OLIVE_PROVIDERS[device]]}]}
+    return {"input_model": input_model, "systems": {"local_system": system}, "passes": passes,
+            "host": "local_system", "target": "local_system", "log_severity_level": 3, **extra}
+
 # %% ../nbs/00h_tools.ipynb #c024
 OLIVE_STRATEGIES = ("join", "line-by-line")  # how Olive 0.13 cuts training texts into sequences (its TextGenStrategy)
 
@@ -130,15 +141,10 @@ def finetune_workflow(base, data_file, text_template: str, method: str = "lora",
     if method == "lora" and target_modules: lora["target_modules"] = list(target_modules)
     if method == "qlora": lora["save_quant_config"] = False
     if dropout is not None: lora["lora_dropout"] = dropout  # Olive's default is 0.05
-    providers = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
-    if device not in providers: raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(providers)}.")
-    provider = providers[device]
-    return {"systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [provider]}]}},
-            "data_configs": [text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)],
-            "passes": {"f": lora}, "host": "local_system", "target": "local_system", "no_artifacts": True,
-            "input_model": {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
-                            "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}},
-            "log_severity_level": 3}
+    model = {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
+             "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}}
+    return olive_workflow(model, {"f": lora}, device, no_artifacts=True,
+                          data_configs=[text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)])
 
 # %% ../nbs/00h_tools.ipynb #c025
 def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
