@@ -163,10 +163,9 @@ class DistillTrainer(Trainer):
         self.teacher, self.alpha, self.temperature = teacher.eval().requires_grad_(False), alpha, temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        with torch.no_grad():
-            teacher_logits = self.teacher.to(out.logits.device)(input_ids=inputs["input_ids"],
-                                                                attention_mask=inputs["attention_mask"]).logits
+        batch = {k: v for k, v in inputs.items() if k != "labels"}  # padded, or one row with positions (FlatCollator)
+        out = model(**batch)
+        with torch.no_grad(): teacher_logits = self.teacher.to(out.logits.device)(**batch).logits
         loss = kd_loss(out.logits, teacher_logits, inputs["labels"], self.alpha, self.temperature)
         return (loss, out) if return_outputs else loss
 

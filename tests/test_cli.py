@@ -235,6 +235,7 @@ def test_every_chapter_on_your_own_data(tmp_path, intents_files):
     out = tmp_path/"run"
     r = slmops("run", "--profile", "smoke", *(a for s, f in intents_files.items() for a in ("-p", f"{s}_file={f}")),
                "-p", "input_column=utterance", "-p", "label_column=intent", "-p", "methods=['lora', 'olive_lora']",
+               "-p", "frontier_variants=False", "-p", "llama_cpp=False",  # the smoke run measures both; here the conversions only
                "--out", out, "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     labels = ["book_flight", "book_hotel", "play_music", "set_alarm"]
@@ -249,5 +250,6 @@ def test_every_chapter_on_your_own_data(tmp_path, intents_files):
     assert intro["teacher_test_accuracy"] >= 0.9  # the workbench teacher was trained for this task
     assert dep["task"] == ft["task"] and any("every label" in k for k in dep["checklist"])
     assert dep["conversion"]["fp32_logit_gap"] <= 1e-3
+    assert [r["name"] for r in dep["frontier"]] == ["ort_fp32", "ort_int8", "ort_int4"] and "llama_cpp=False" in dep["vs_llama_cpp"]["skipped"]
     ops = json.loads((out/"05_operations"/"metrics.json").read_text())  # operations on your task: its labels checked live
     assert ops["task"] == ft["task"] and ops["server"]["errors"] == 0 and ops["rollback"]["exercised"]

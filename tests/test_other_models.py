@@ -12,10 +12,10 @@ from slmops_nb.core import SlmopsError, read_json
 from slmops_nb.data import TONES, Task, tone_split
 from slmops_nb.export import build_direct, exportable_adapter, olive_build
 from slmops_nb.runtimes import FoundryLocal, GenAIModel, TorchModel, foundry_model_folder
-from slmops_nb.train import task_examples
+from slmops_nb.train import FlatCollator, PadCollator, task_examples
 from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.serve import ServerProcess
-from slmops_nb.models import load_model, load_tokenizer, save_model, stop_token_ids, tiny_model
+from slmops_nb.models import TINY_FAMILIES, load_model, load_tokenizer, save_model, stop_token_ids, tiny_model
 from slmops_nb.evaluate import logit_gap, next_token_logits
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")
@@ -28,6 +28,22 @@ def teach_the_chat(model_dir, out: Path) -> tuple[dict, list[dict]]:
     res = finetune("full", model_dir, tok, ex, ex[:16], out.with_name(out.name + "-ft"), epochs=12, lr=3e-3, batch_size=16)
     save_model(res["model"], tok, out)
     return res, ex
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_one_row_batches_train_as_padded_ones(family, tmp_path):
+    "FlatCollator's one row (the examples end to end, their own positions) gives each family the padded batch's loss and gradients."
+    import torch
+    model_dir = tiny_model(tmp_path/family, family)
+    tok, model = load_tokenizer(model_dir), load_model(model_dir).train()
+    batch = task_examples(tok, Task(), tone_split("train")[:6])
+    losses, grads = [], []
+    for collate in (PadCollator(tok.pad_token_id), FlatCollator(tok.pad_token_id)):
+        model.zero_grad()
+        loss = model(**collate(batch)).loss
+        loss.backward()
+        losses.append(loss.item()); grads.append(model.get_input_embeddings().weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-6), family
 
 
 @pytest.fixture(scope="module")
