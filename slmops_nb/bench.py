@@ -25,7 +25,7 @@ from .runtimes import RUNTIMES, cpu_threads, load_runtime
 
 # %% auto #0
 __all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output', 'peak_memory',
-           'frontier', 'recommend', 'benchmark_workbench']
+           'screen_quality', 'broken_variants', 'frontier', 'recommend', 'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -150,27 +150,48 @@ def peak_memory(kind: str, folder, prompts: list[str], max_new_tokens: int = 32)
     if r.returncode: raise SlmopsError(f"Measuring the memory of {folder} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_memory_mb"]
 
+# %% ../nbs/00j_bench.ipynb #c020c2
+def screen_quality(variants: dict, task: Task, records: list[dict]) -> dict:
+    "Each variant's ({name: (runtime, folder)}) headline metric on `records`: {name: quality}."
+    metric, gold = HEADLINE[task.kind], [task.answer(r) for r in records]
+    out = {}
+    for name, (kind, folder) in variants.items():
+        model = load_runtime(kind, folder, name)
+        try: out[name] = task_scores(task, model.predict(task, records), gold)[metric]
+        finally: model.close()
+    return out
+
+def broken_variants(screened: dict, metric: str, screen_points: float = 20) -> list[str]:
+    "The variants whose screened quality ({name: quality}, the first the reference) is more than `screen_points` below the reference's."
+    ref = next(iter(screened.values()))
+    return [n for n, q in screened.items() if (ref - q) * POINTS[metric] > screen_points]
+
 # %% ../nbs/00j_bench.ipynb #c020d
 def frontier(variants: dict, task: Task, records: list[dict], prompts: list[str], max_new_tokens: int = 32,
-             repeats: int = 5) -> tuple[list[dict], dict]:
-    "Each variant ({name: (runtime, folder)}, genai or llamacpp) measured alike: one row each (`name`, `size_bytes`, `ttft_ms`, `tokens_per_second`, `peak_memory_mb`, `quality`), and `run_bench`'s full figures; the prompts are timed `repeats` times over."
-    metric = HEADLINE[task.kind]
+             repeats: int = 5, screen: int = 32, screen_points: float = 20) -> tuple[list[dict], dict]:
+    "Each variant ({name: (runtime, folder)}, genai or llamacpp) measured alike: one row each (`name`, `size_bytes`, `ttft_ms`, `tokens_per_second`, `peak_memory_mb`, `quality`, `broken`), and `run_bench`'s full figures; the prompts are timed `repeats` times over. A variant more than `screen_points` below the first on the first `screen` records (`broken_variants`; 0: no screen) is measured on those records only, the prompts timed once."
+    metric, few = HEADLINE[task.kind], records[:screen]
+    screened = screen_quality(variants, task, few) if screen else {}
+    broken = broken_variants(screened, metric, screen_points) if screened else []
+    for n in broken: print(f"{n}: {metric} {screened[n]:.3f} on the first {len(few)} records, {next(iter(screened))} "
+                           f"{next(iter(screened.values())):.3f}: broken, measured on those only")
     # a small model decodes a prompt's tokens in milliseconds: timed once, the figure is mostly the machine's noise
-    measured = run_bench(variants, prompts * repeats, task, records, max_new_tokens)
+    measured = run_bench({n: v for n, v in variants.items() if n not in broken}, prompts * repeats, task, records, max_new_tokens)
+    if broken: measured |= run_bench({n: variants[n] for n in broken}, prompts, task, few, max_new_tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(next(iter(variants.values()))[1]))  # the variants of one model share one
     texts = [render_chat(tokenizer, [{"role": "user", "content": p}], True) for p in prompts]
-    rows = [{"name": n, "size_bytes": m["size_bytes"], "ttft_ms": m["ttft_ms"], "tokens_per_second": m["tokens_per_second"],
-             "peak_memory_mb": peak_memory(*variants[n], texts, max_new_tokens), "quality": m[metric], "metric": metric}
-            for n, m in measured.items()]
-    return rows, measured
+    rows = [{"name": n, "size_bytes": measured[n]["size_bytes"], "ttft_ms": measured[n]["ttft_ms"],
+             "tokens_per_second": measured[n]["tokens_per_second"], "peak_memory_mb": peak_memory(*variants[n], texts, max_new_tokens),
+             "quality": measured[n][metric], "metric": metric, "broken": n in broken} for n in variants]
+    return rows, {n: measured[n] for n in variants}
 
 # %% ../nbs/00j_bench.ipynb #c020e
 def recommend(rows: list[dict], reference: str, tolerance_points: float = 1.0) -> dict:
-    "The fastest row (decode tokens/s) whose quality is at most `tolerance_points` below the `reference` row's; with the reason."
+    "The fastest row (decode tokens/s), not `broken`, whose quality is at most `tolerance_points` below the `reference` row's; with the reason."
     by_name = {r["name"]: r for r in rows}
     if reference not in by_name: raise SlmopsError(f"No row named {reference!r} to compare with: the rows are {list(by_name)}.")
     ref, points = by_name[reference], POINTS[rows[0]["metric"]]
-    good = [r for r in rows if (ref["quality"] - r["quality"]) * points <= tolerance_points]
+    good = [r for r in rows if not r.get("broken") and (ref["quality"] - r["quality"]) * points <= tolerance_points]
     best = max(good, key=lambda r: r["tokens_per_second"])
     left = sorted(r["name"] for r in rows if r not in good)
     return {"name": best["name"], "reference": reference, "tolerance_points": tolerance_points,
