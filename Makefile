@@ -12,11 +12,20 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 setup: $(STAMP)
 
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native), AMX included where the CPU lists it. A VM can list AMX
+# and not enable its tile registers (seen 2026-12-02 on a Xeon VM): the first quantized product dies on `ldtilecfg`, and the
+# notebook's kernel with it. So no AMX on x86 (AVX-512 and the rest stay native); built here, never taken from pip's wheel
+# cache, where a wheel built with AMX could wait.
+LLAMA_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' settings.ini)
+NO_AMX    := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_ENV := $(if $(filter x86_64,$(shell uname -m)),CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'")
+
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first and pinned: unpinned, pip would fetch the newest CUDA build (several GB).
 	$(BIN)/python -m pip install -q torch==2.13.0
+	$(LLAMA_ENV) $(BIN)/python -m pip install -q --no-cache-dir "$(LLAMA_PIN)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -18,7 +18,7 @@ from .train import OverfittingWarning, train_causal_lm
 
 # %% auto #0
 __all__ = ['ADAPTER_METHODS', 'lora_targets', 'check_lora', 'peft_config', 'prepare_model', 'trainable_parameters', 'finetune',
-           'load_adapters', 'merge_adapter']
+           'load_trained', 'load_adapters', 'merge_adapter']
 
 # %% ../nbs/00ea_adapt.ipynb #t041
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PEFT
@@ -91,6 +91,13 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
             "peak_memory_mb": mem.delta_mb, "train_seconds": res["train_seconds"], "log_history": res["log_history"],
             "steps": state.global_step, "best_eval_loss": state.best_metric,
             "stopped_early": state.global_step < state.max_steps}
+
+# %% ../nbs/00ea_adapt.ipynb #t053
+def load_trained(method: str, base, folder):
+    "What `finetune(method, base, ...)` saved in `folder` (its `out/model`), in eval mode: the whole model, or the base (4-bit for qlora) with the adapter."
+    if method == "full": return load_model(folder)
+    from peft import PeftModel
+    return PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "qlora"), folder, is_trainable=True).eval()  # trainable: counted as such
 
 # %% ../nbs/00ea_adapt.ipynb #d061
 def load_adapters(base, adapters: dict):

@@ -15,6 +15,7 @@ import platform
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -29,9 +30,9 @@ from filelock import FileLock
 # %% auto #0
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
            'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root',
-           'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'cached_artifact',
-           'artifact_info', 'seed_everything', 'package_versions', 'env_report', 'quiet', 'widget_progress',
-           'progress_bar']
+           'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'is_cached',
+           'cached_artifact', 'artifact_info', 'seed_everything', 'side_by_side', 'package_versions', 'env_report',
+           'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -198,10 +199,15 @@ def file_hash(path, n: int = 12) -> str:
 # %% ../nbs/00_core.ipynb #c041
 _DONE = ".complete.json"
 
+def _artifact_path(kind: str, spec: dict, root=None) -> Path: return Path(root or cache_root())/kind/content_hash(spec)
+
+def is_cached(kind: str, spec: dict, root=None) -> bool:
+    "Whether `cached_artifact(kind, spec, ..., root)` finds its artifact built (and builds nothing)."
+    return (_artifact_path(kind, spec, root)/_DONE).exists()
+
 def cached_artifact(kind: str, spec: dict, build: Callable[[Path], Any], root=None) -> Path:
     "Folder `root/kind/<hash(spec)>`, running `build(tmp_folder)` only if it is not cached yet."
-    root = Path(root or cache_root())
-    path = root/kind/content_hash(spec)
+    path = _artifact_path(kind, spec, root)
     if (path/_DONE).exists(): return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -230,6 +236,32 @@ def seed_everything(seed: int = 0) -> int:
         torch.manual_seed(seed)
     except ImportError: pass
     return seed
+
+# %% ../nbs/00_core.ipynb #c047c
+def _one_process_threads(threads: int):
+    import torch
+    torch.set_num_threads(threads)
+    quiet()
+    sys.stdout = open(os.devnull, "w")  # its progress lines would land in the terminal of a notebook's kernel; errors come back
+
+def side_by_side(calls: list[tuple], threads: int = 1) -> list:
+    "The results of `calls` ([(function, args, kwargs)]), run in fresh processes on `threads` threads each, as many at a time as this process has threads for."
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    import torch
+    workers = min(len(calls), torch.get_num_threads() // threads)
+    if workers < 2: return [f(*a, **kw) for f, a, kw in calls]
+    local = [f.__qualname__ for f, _, _ in calls if f.__module__ == "__main__"]
+    if local: raise SlmopsError(f"side_by_side: {local} are defined in __main__ (a notebook or a script), which a new process does not "
+                                "have: pass the function from its module (import it).")
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _one_process_threads, (threads,))
+    try: results = [job.result() for job in [pool.submit(f, *a, **kw) for f, a, kw in calls]]
+    except BaseException:  # an error or an interrupt: stop the others too (Python 3.14 names this terminate_workers)
+        for p in (getattr(pool, "_processes", None) or {}).values(): p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 # %% ../nbs/00_core.ipynb #c049
 KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets",

@@ -11,16 +11,17 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .core import SlmopsError, seed_everything
+from .core import SlmopsError, atomic_dir, seed_everything, side_by_side
 from .data import Task, stratified_split, write_jsonl
 from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
-from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model
+from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model, save_model
 from .train import run_trainer, task_examples, train_causal_lm, training_defaults
 
 # %% auto #0
 __all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'gold_subset', 'endpoint_answers', 'teacher_answers',
            'repetitive', 'drop_reason', 'validate_answers', 'synthesize', 'make_student', 'kd_loss',
-           'check_same_vocabulary', 'DistillTrainer', 'train_student', 'train_students', 'distill_summary', 'train_gkd']
+           'check_same_vocabulary', 'DistillTrainer', 'train_student', 'train_student_into', 'train_students',
+           'distill_summary', 'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #f2a002
 DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
@@ -187,16 +188,26 @@ def train_student(method: str, student, tokenizer, records: list[dict], *, steps
                            name=method, **extra, **training_args)
 
 # %% ../nbs/02_distillation.ipynb #f2a031
-def train_students(methods, student: str, teacher, teacher_tokenizer, gold: list[dict], synthetic: list[dict], *, steps: int,
-                   seed: int = 0, **train_args) -> dict:
-    "One fresh `student` per KD method, trained for `steps`: {method: {model, tokenizer, train_seconds, trainer}}."
-    out = {}
-    for method in methods:
-        model, tok = make_student(student, teacher_tokenizer, seed)
-        res = train_student(method, model, tok, gold if method == "gold_only" else synthetic, steps=steps, teacher=teacher,
-                            seed=seed, **train_args)
-        out[method] = {"model": model, "tokenizer": tok, "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
-    return out
+def train_student_into(out, method: str, student: str, teacher, records: list[dict], *, steps: int, seed: int = 0,
+                       device: str | None = None, **train_args) -> dict:
+    "A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or hub id), saved in `out`: its train seconds and trainer."
+    teacher_tok = load_tokenizer(teacher)
+    model, tok = make_student(student, teacher_tok, seed)
+    teacher_model = load_model(teacher, device=device) if method == "logit_kd" else None
+    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, seed=seed, **train_args)
+    with atomic_dir(out) as tmp: save_model(model, tok, tmp)
+    return {"folder": Path(out), "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
+
+def train_students(methods, student: str, teacher, gold: list[dict], synthetic: list[dict], out, *, steps: int, seed: int = 0,
+                   device: str | None = None, **train_args) -> dict:
+    "One fresh `student` per KD method, trained for `steps` `side_by_side` into `out/METHOD`: {method: {model, tokenizer, train_seconds, trainer, folder}}."
+    from slmops_nb import distill  # by module: the processes import what they run
+    order = sorted(methods, key=lambda m: m != "logit_kd")
+    trained = side_by_side([(distill.train_student_into, (Path(out)/m, m, student, teacher, gold if m == "gold_only" else synthetic),
+                             dict(steps=steps, seed=seed, device=device, **train_args)) for m in order])
+    done = dict(zip(order, trained))
+    return {m: {**done[m], "model": load_model(done[m]["folder"], device=device), "tokenizer": load_tokenizer(done[m]["folder"])}
+            for m in methods}
 
 # %% ../nbs/02_distillation.ipynb #f2a041
 def distill_summary(results: dict, methods, metric: str = "accuracy") -> dict:

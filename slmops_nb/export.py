@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,8 +35,8 @@ __all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'DECO
            'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct',
            'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
            'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier', 'frontier_plot',
-           'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow', 'tune_session_params',
-           'with_session_options']
+           'llama_cpp_sources', 'check_llama_cpp', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow',
+           'tune_session_params', 'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
@@ -351,6 +352,25 @@ def llama_cpp_sources() -> Path:
                     target.write_bytes(sdist.extractfile(m).read())
     return dest
 
+# %% ../nbs/04_deployment.ipynb #lc01b
+_ANSWER = """
+import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+next(llm.generate(llm.tokenize(b"hello", add_bos=False), temp=0.0, top_k=1))
+"""
+
+def check_llama_cpp(folder) -> Path:
+    "A GGUF `folder` once llama.cpp has answered with it in a process of its own: a build this CPU cannot run is refused with the fix, without taking this process down."
+    r = subprocess.run([sys.executable, "-c", _ANSWER, str(Path(folder)/"model.gguf")], capture_output=True, text=True, timeout=600)
+    if r.returncode < 0:
+        raise SlmopsError(f"llama.cpp died ({signal.Signals(-r.returncode).name}) answering with {folder}: its build uses an instruction "
+                          "this CPU lists but cannot run (Intel AMX in a virtual machine, for one). Rebuild it without: CMAKE_ARGS=\""
+                          "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 "
+                          "-mno-amx-bf16'\" pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+    if r.returncode: raise SlmopsError(f"llama.cpp could not answer with {folder}:\n{r.stderr[-1500:]}")
+    return Path(folder)
+
 # %% ../nbs/04_deployment.ipynb #lc02
 # the converter, told the pre-tokenizer of a byte-level BPE whose vocabulary it does not know (it knows models by a hash of
 # their ids): `gpt-2` for GPT-2's regex, `qwen2` for Qwen2's; any other stays refused
@@ -384,7 +404,7 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 def gguf_export(model, out, types=GGUF_TYPES) -> dict:
-    "GGUF folders of a Hugging Face model by llama.cpp's converter (F16) and quantizer: {type: out/gguf_TYPE}, each `model.gguf` and the tokenizer files."
+    "GGUF folders of a Hugging Face model by llama.cpp's converter (F16) and quantizer, each checked by `check_llama_cpp`: {type: out/gguf_TYPE}, each `model.gguf` and the tokenizer files."
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown: raise SlmopsError(f"Unknown GGUF types {unknown}: choose among {GGUF_TYPES}.")
     src, out = Path(resolve_model(model)).resolve(), Path(out)
@@ -399,7 +419,7 @@ def gguf_export(model, out, types=GGUF_TYPES) -> dict:
     folders = {"f16": f16} | {t: run_tool("quantize", with_tokenizer(lambda tmp, t=t: [sys.executable, "-c", _QUANTIZE, f16/"model.gguf",
                                                                                       tmp/"model.gguf", t]), out/f"gguf_{t}", ["model.gguf"])
                               for t in types if t != "f16"}
-    return {t: folders[t] for t in types}
+    return {t: check_llama_cpp(folders[t]) for t in types}
 
 # %% ../nbs/04_deployment.ipynb #st02
 DECODE_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")  # the builder's names

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import gc
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .adapt import ADAPTER_METHODS, finetune, lora_targets, trainable_parameters
-from .core import SlmopsError, read_json, write_json
+from .adapt import ADAPTER_METHODS, finetune, load_trained, lora_targets, trainable_parameters
+from .core import SlmopsError, read_json, side_by_side, write_json
 from .data import Task, chat_text, write_jsonl
 from .evaluate import POINTS, answer_loss, evaluate_task
-from .models import load_base, load_tokenizer
+from .models import load_tokenizer
 from .tools import finetune_workflow, olive_run_config
 from .train import task_examples
 
 # %% auto #0
 __all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args',
-           'olive_method', 'load_olive_method', 'olive_task_data', 'olive_parity', 'compare_methods', 'suggest',
-           'random_search', 'search_lora', 'finetune_task']
+           'olive_method', 'load_olive_method', 'olive_task_data', 'olive_parity', 'train_method', 'compare_methods',
+           'suggest', 'random_search', 'search_lora', 'finetune_task']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
 OLIVE_CONTROLS = {"lora_as_olive": "lora", "qlora_as_olive": "qlora"}  # PEFT with Olive's recipe: the same loss, the same layers
@@ -61,12 +60,9 @@ def olive_method(method: str, base, data_file, text_template: str, out, *, r: in
 # %% ../nbs/03_finetuning.ipynb #f3a012
 def load_olive_method(method: str, base, folder) -> dict:
     "The adapter of an Olive run in `folder` on the base (4-bit for `olive_qlora`), with the run's figures, for evaluation."
-    from peft import PeftModel
     info = read_json(Path(folder)/"slmops_olive.json")
-    model = PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "olive_qlora"), Path(folder)/"adapter",
-                                      is_trainable=True)  # so that its parameters count as trainable
+    model = load_trained(method.removeprefix("olive_"), base, Path(folder)/"adapter")
     trainable, total = trainable_parameters(model)
-    model.eval()
     return {"model": model, "trainable_params": trainable, "trainable_fraction": trainable / total,
             "peak_memory_mb": info["peak_memory_mb"], "train_seconds": info["seconds"], "folder": Path(folder)}
 
@@ -91,49 +87,52 @@ def olive_parity(results: dict, metric: str) -> dict:
         out[m] = row
     return out
 
+# %% ../nbs/03_finetuning.ipynb #f3a021b
+def train_method(method: str, base, task: Task, data: dict, examples: dict, out, *, olive_data: tuple, lr: float = 2e-3,
+                 full_lr: float = 5e-4, ia3_lr: float = 1e-1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
+                 max_length: int = 64, patience: int = 1, training: dict | None = None) -> dict:
+    "One method of the comparison trained into `out/method` (Olive's by `olive run`, on this process's threads): where its model is, and, for PEFT's, its figures and loss history."
+    import torch
+    training, target_modules = training or {}, target_modules or lora_targets(base)
+    if method.startswith("olive_"):
+        return {"folder": olive_method(method, base, *olive_data, Path(out)/method, r=r, alpha=alpha, dropout=dropout, lr=lr,
+                                       target_modules=target_modules, max_length=max_length, threads=torch.get_num_threads(), **training)}
+    tokenizer, kind, targets = load_tokenizer(base), OLIVE_CONTROLS.get(method, method), target_modules
+    if method in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
+        examples = {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
+        targets = [t for t in target_modules if kind == "lora" or t != "lm_head"]
+    res = finetune(kind, base, tokenizer, examples["train"], examples["validation"], Path(out)/method,
+                   lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr), r=r, alpha=alpha, dropout=dropout, target_modules=targets,
+                   patience=patience, **training)
+    return {"folder": Path(out)/method/"model", **{k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb",
+                                                                      "train_seconds", "log_history")}}
+
 # %% ../nbs/03_finetuning.ipynb #f3a022
 def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
                     max_steps: int = 0, lr: float = 2e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1, batch_size: int = 8,
                     grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
                     max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
-    "Every method on the same data and budget, each scored on the task's test split; Olive's runs train beside the in-process ones."
-    import torch
+    "Every method on the same data and budget, trained `side_by_side` (`train_method`, Olive's first: the longest), then each scored here on the task's test split."
+    from slmops_nb import finetune as module  # by module: the processes import what they run
     check_methods(methods)
     out = Path(out)
-    target_modules = target_modules or lora_targets(base)  # Olive and PEFT adapt the same layers
-    olive_methods = [m for m in methods if m.startswith("olive_")]
-    olive_file, template = olive_task_data(task, data["train"], tokenizer, out)
-    training = dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
-    threads, share = torch.get_num_threads(), max(1, (os.cpu_count() or 1) // (len(olive_methods) + 1))
-    results, histories, answers, whole = {}, {}, {}, {}
-    def score(m: str, res: dict):
+    kw = dict(olive_data=olive_task_data(task, data["train"], tokenizer, out), lr=lr, full_lr=full_lr, ia3_lr=ia3_lr, r=r,
+              alpha=alpha, dropout=dropout, target_modules=target_modules or lora_targets(base),  # Olive and PEFT adapt the same layers
+              max_length=max_length, patience=patience,
+              training=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed))
+    order = sorted(methods, key=lambda m: (not m.startswith("olive_"), m != "full"))
+    trained = dict(zip(order, side_by_side([(module.train_method, (m, base, task, data, examples, out), kw) for m in order])))
+    results, histories, answers = {}, {}, {}
+    for m in methods:
+        if m.startswith("olive_"): res = load_olive_method(m, base, trained[m]["folder"])
+        else: res, histories[m] = {**trained[m], "model": load_trained(OLIVE_CONTROLS.get(m, m), base, trained[m]["folder"])}, trained[m]["log_history"]
         ev = evaluate_task(res["model"], tokenizer, task, data["test"], examples=examples["test"], predictions=True)
         answers[m] = ev.pop("predictions")
         results[m] = {k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds")}
         results[m].update(eval_loss=answer_loss(res["model"], tokenizer, examples["validation"]), **ev)
-        print({k: round(v, 4) for k, v in results[m].items()})
-    pool = ThreadPoolExecutor(max(1, len(olive_methods)))
-    jobs = {m: pool.submit(olive_method, m, base, olive_file, template, out/m, r=r, alpha=alpha, dropout=dropout, lr=lr,
-                           target_modules=target_modules, max_length=max_length, threads=share, **training) for m in olive_methods}
-    try:
-        for m in [m for m in methods if m not in olive_methods]:
-            torch.set_num_threads(threads if all(j.done() for j in jobs.values()) else share)
-            print(f"--- {m}")
-            kind, ex, targets = OLIVE_CONTROLS.get(m, m), examples, target_modules
-            if m in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
-                whole = whole or {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
-                ex, targets = whole, [t for t in target_modules if kind == "lora" or t != "lm_head"]
-            res = finetune(kind, base, tokenizer, ex["train"], ex["validation"], out/m, lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr),
-                           r=r, alpha=alpha, dropout=dropout, target_modules=targets, patience=patience, **training)
-            histories[m] = res["log_history"]
-            score(m, res); del res; gc.collect()
-        folders = {m: j.result() for m, j in jobs.items()}
-    finally:
-        torch.set_num_threads(threads); pool.shutdown()
-    for m in olive_methods:
-        print(f"--- {m}")
-        score(m, load_olive_method(m, base, folders[m])); gc.collect()
-    return {"results": {m: results[m] for m in methods}, "histories": histories, "answers": answers, "olive_folders": folders}
+        print(m, {k: round(v, 4) for k, v in results[m].items()})
+        del res; gc.collect()
+    return {"results": results, "histories": histories, "answers": answers}
 
 # %% ../nbs/03_finetuning.ipynb #da00dc0c
 SEARCH_SPACE = {"lr": (1e-6, 1e-3), "r": (8, 64), "batch_size": (8, 16, 32)}

@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from .core import SlmopsError, artifact_info, cached_artifact, file_hash, seed_everything, write_json
+from .core import SlmopsError, artifact_info, cached_artifact, file_hash, is_cached, seed_everything, side_by_side, write_json
 from .measure import Timer
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, chat_text, instruction_split, tone_split, workbench_records
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
@@ -202,10 +202,14 @@ def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
     return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root, task), root)
 
 # %% ../nbs/00d_models.ipynb #c036
-def build_workbench(root=None) -> dict:
-    "Build (or load from the cache under `root`) every workbench artifact; folder and build seconds of each."
+def build_workbench(root=None, task: Task | None = None, names=tuple(MODEL_SPECS)) -> dict:
+    "Build (or load from the cache under `root`) the workbench tokenizer and models `names` for `task`, the models not built yet `side_by_side`; folder and build seconds of each."
+    from slmops_nb import models  # by module: the processes import what they run
     with Timer() as t:
-        paths = {"tokenizer": build_tokenizer(root), **{n: workbench_path(n, root) for n in MODEL_SPECS}}
+        paths = {"tokenizer": build_tokenizer(root)}  # first: every model needs it
+        side_by_side([(models.workbench_path, (n, root, task), {}) for n in names
+                      if not is_cached(f"model-{n}", task_spec(n, task), root)])
+        paths |= {n: workbench_path(n, root, task) for n in names}
     return {"seconds": t.seconds, **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]} for n, p in paths.items()}}
 
 # %% ../nbs/00d_models.ipynb #c040

@@ -4,10 +4,10 @@ import torch
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import load_records, tone_split
 from slmops_nb.distill import (STUDENT, check_same_vocabulary, kd_loss, make_student, synthesize,
-                               train_gkd, train_student, validate_answers)
+                               train_gkd, train_student, train_students, validate_answers)
 from slmops_nb.evaluate import generate_answers
 from slmops_nb.train import PadCollator, encode_chats
-from slmops_nb.models import load_tokenizer
+from slmops_nb.models import load_tokenizer, save_model
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,20 @@ def test_logit_kd_and_gkd_train_a_student(tok):
         res = train(student)
         assert res["train_seconds"] > 0 and res["log_history"][-1]["train_loss"] > 0
         assert not torch.equal(before, student.lm_head.weight)
+
+
+def test_students_side_by_side_are_the_students_trained_in_order(tmp_path, tok):
+    "train_students in fresh processes (two threads to share) trains the very students one process trains in order, on one thread."
+    teacher, _ = make_student(STUDENT, tok, seed=5)
+    save_model(teacher, tok, tmp_path/"teacher")
+    recs, methods, threads = tone_split("train")[:32], ["gold_only", "seq_kd", "logit_kd"], torch.get_num_threads()
+    def students(n: int, out: str) -> dict:
+        torch.set_num_threads(n)
+        try: return train_students(methods, STUDENT, tmp_path/"teacher", recs[:8], recs, tmp_path/out, steps=3, batch_size=8)
+        finally: torch.set_num_threads(threads)
+    apart, together = students(2, "apart"), students(1, "together")
+    assert list(apart) == methods and apart["logit_kd"]["trainer"] == "DistillTrainer"
+    for m in methods:
+        assert (tmp_path/"apart"/m/"model.safetensors").exists()
+        assert torch.equal(apart[m]["model"].lm_head.weight, together[m]["model"].lm_head.weight), m
+    assert not torch.equal(apart["seq_kd"]["model"].lm_head.weight, apart["logit_kd"]["model"].lm_head.weight)
