@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -25,7 +24,7 @@ from .core import SlmopsError, atomic_dir, cache_root, read_json, write_json
 from .data import Task
 from .evaluate import POINTS
 from .models import load_tokenizer, resolve_model, task_model
-from .runtimes import GENAI_FILES, check_genai_folder, genai_copy
+from .runtimes import GENAI_FILES, check_genai_folder, check_llama_cpp, genai_copy
 from .tools import ToolError, olive_run_config, olive_workflow, run_olive, run_tool, text_data_config
 from .train import task_examples
 
@@ -35,8 +34,8 @@ __all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'DECO
            'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct',
            'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
            'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier', 'frontier_plot',
-           'llama_cpp_sources', 'check_llama_cpp', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow',
-           'tune_session_params', 'with_session_options']
+           'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow', 'tune_session_params',
+           'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
@@ -351,25 +350,6 @@ def llama_cpp_sources() -> Path:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(sdist.extractfile(m).read())
     return dest
-
-# %% ../nbs/04_deployment.ipynb #lc01b
-_ANSWER = """
-import sys
-from llama_cpp import Llama
-llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
-next(llm.generate(llm.tokenize(b"hello", add_bos=False), temp=0.0, top_k=1))
-"""
-
-def check_llama_cpp(folder) -> Path:
-    "A GGUF `folder` once llama.cpp has answered with it in a process of its own: a build this CPU cannot run is refused with the fix, without taking this process down."
-    r = subprocess.run([sys.executable, "-c", _ANSWER, str(Path(folder)/"model.gguf")], capture_output=True, text=True, timeout=600)
-    if r.returncode < 0:
-        raise SlmopsError(f"llama.cpp died ({signal.Signals(-r.returncode).name}) answering with {folder}: its build uses an instruction "
-                          "this CPU lists but cannot run (Intel AMX in a virtual machine, for one). Rebuild it without: CMAKE_ARGS=\""
-                          "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 "
-                          "-mno-amx-bf16'\" pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
-    if r.returncode: raise SlmopsError(f"llama.cpp could not answer with {folder}:\n{r.stderr[-1500:]}")
-    return Path(folder)
 
 # %% ../nbs/04_deployment.ipynb #lc02
 # the converter, told the pre-tokenizer of a byte-level BPE whose vocabulary it does not know (it knows models by a hash of

@@ -6,9 +6,13 @@
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import queue
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -23,9 +27,9 @@ from .evaluate import answer_budget, task_answer, task_predictions
 from .models import load_model, load_tokenizer, stop_token_ids
 
 # %% auto #0
-__all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'GenAIModel', 'cpu_threads',
-           'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'genai_copy', 'throughput_copy', 'FoundryLocal',
-           'foundry_model_id', 'load_runtime']
+__all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'cpu_threads', 'GenAIModel',
+           'check_llama_cpp', 'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'genai_copy',
+           'throughput_copy', 'FoundryLocal', 'foundry_model_id', 'load_runtime']
 
 # %% ../nbs/00g_runtimes.ipynb #c005
 class ChatModel:
@@ -122,6 +126,12 @@ def check_genai_folder(folder) -> Path:
                           f"Convert a Hugging Face model with: slmops export {folder} OUT_FOLDER --precision int4")
     return folder
 
+# %% ../nbs/00g_runtimes.ipynb #c013t
+def cpu_threads() -> int:
+    "The threads ONNX Runtime and llama.cpp get: `OMP_NUM_THREADS` when it is set, else one a physical core (ONNX Runtime's default)."
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return int(limit) if limit.isdigit() and int(limit) > 0 else psutil.cpu_count(logical=False) or 1
+
 # %% ../nbs/00g_runtimes.ipynb #c014
 class GenAIModel(ChatModel):
     "An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters per request."
@@ -131,7 +141,10 @@ class GenAIModel(ChatModel):
         import onnxruntime_genai as og
         self.og, self.folder = og, check_genai_folder(folder).resolve()
         self.name = name or self.folder.name
-        self.model = og.Model(str(self.folder))
+        config = og.Config(str(self.folder))
+        if os.environ.get("OMP_NUM_THREADS"):  # a thread limit, which ONNX Runtime does not read itself
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = AutoTokenizer.from_pretrained(str(self.folder))  # the chat template and the stop tokens
         cfg = read_json(self.folder/"genai_config.json")["model"]
@@ -205,11 +218,32 @@ class GenAIModel(ChatModel):
             rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
         return np.stack(rows)
 
-# %% ../nbs/00g_runtimes.ipynb #c016d
-def cpu_threads() -> int:
-    "The threads ONNX Runtime takes by default on a CPU, one a physical core: llama.cpp gets the same."
-    return psutil.cpu_count(logical=False) or 1
+# %% ../nbs/00g_runtimes.ipynb #c016c
+# what llama.cpp runs first: load a GGUF and take one greedy token
+_ANSWER = """
+import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+next(llm.generate(llm.tokenize(b"hello", add_bos=False), temp=0.0, top_k=1))
+"""
+_answered = set()  # (model.gguf, its mtime): checked once a process
 
+def check_llama_cpp(folder) -> Path:
+    "A GGUF `folder` once llama.cpp has answered with it in a process of its own: a build this CPU cannot run is refused with the fix, without taking this process down."
+    gguf = Path(folder).resolve()/"model.gguf"
+    key = (gguf, gguf.stat().st_mtime_ns)
+    if key in _answered: return Path(folder)
+    r = subprocess.run([sys.executable, "-c", _ANSWER, str(gguf)], capture_output=True, text=True, timeout=600)
+    if r.returncode < 0:
+        raise SlmopsError(f"llama.cpp died ({signal.Signals(-r.returncode).name}) answering with {folder}: its build uses an instruction "
+                          "this CPU lists but cannot run (Intel AMX in a virtual machine, for one). Rebuild it without: CMAKE_ARGS=\""
+                          "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 "
+                          "-mno-amx-bf16'\" pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+    if r.returncode: raise SlmopsError(f"llama.cpp could not answer with {folder}:\n{r.stderr[-1500:]}")
+    _answered.add(key)
+    return Path(folder)
+
+# %% ../nbs/00g_runtimes.ipynb #c016d
 class LlamaCppModel(ChatModel):
     "A GGUF folder (`model.gguf` and the tokenizer files) run by llama.cpp through llama-cpp-python: greedy streaming, the prompt from the Hugging Face chat template."
     def __init__(self, folder, name: str | None = None, threads: int | None = None):
@@ -220,6 +254,7 @@ class LlamaCppModel(ChatModel):
         self.folder = Path(folder).resolve()
         if not (self.folder/"model.gguf").exists():
             raise SlmopsError(f"{self.folder} holds no model.gguf: make a GGUF folder with gguf_export (chapter 04).")
+        check_llama_cpp(self.folder)
         self.name = name or self.folder.name
         self.threads = threads or cpu_threads()
         self.llm = Llama(str(self.folder/"model.gguf"), n_ctx=0, n_threads=self.threads, n_threads_batch=self.threads,
