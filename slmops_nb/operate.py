@@ -96,7 +96,7 @@ def teacher_labels(task: Task, prompts: list[str], teacher, tokenizer) -> list[d
     return [r for r in out if task.kind != "classification" or r[task.label_column] in task.classes]
 
 # %% ../nbs/05_operations.ipynb #o5051
-def challenger_data(task: Task, labelled: list[dict], seed: int = 0, replay: float = 2.0) -> dict[str, list[dict]]:
+def challenger_data(task: Task, labelled: list[dict], seed: int = 0, replay: float = 3.0) -> dict[str, list[dict]]:
     "The teacher-labelled records and `replay` times as many of the task's training records (so nothing is forgotten), shuffled, 90/10."
     own = random.Random(seed).sample(task.splits()["train"], min(len(task.splits()["train"]), int(replay * len(labelled))))
     mixed = labelled + [{task.input_column: task.prompt(r), task.label_column: task.answer(r)} for r in own]  # as_prompts(task)'s records
