@@ -5,23 +5,25 @@
 # %% ../nbs/02_distillation.ipynb #300d60cc
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .core import SlmopsError, atomic_dir, seed_everything, side_by_side
+from .core import SlmopsError, atomic_dir, atomic_write_text, seed_everything, side_by_side
 from .data import Task, stratified_split, write_jsonl
 from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model, save_model
-from .train import run_trainer, task_examples, train_causal_lm, training_defaults
+from .train import PadCollator, run_trainer, task_examples, train_causal_lm, training_defaults
 
 # %% auto #0
 __all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'gold_subset', 'endpoint_answers', 'teacher_answers',
            'repetitive', 'drop_reason', 'validate_answers', 'synthesize', 'make_student', 'kd_loss',
-           'check_same_vocabulary', 'DistillTrainer', 'train_student', 'train_student_into', 'train_students',
-           'distill_summary', 'train_gkd']
+           'check_same_vocabulary', 'DistillTrainer', 'labelled_positions', 'answer_logits', 'save_answer_logits',
+           'load_answer_logits', 'train_student', 'train_student_into', 'train_students', 'distill_summary',
+           'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #f2a002
 DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
@@ -129,12 +131,16 @@ def make_student(student: str, teacher_tokenizer, seed: int = 0):
 
 # %% ../nbs/02_distillation.ipynb #4c482d08
 def kd_loss(student_logits, teacher_logits, labels, alpha: float = 0.5, temperature: float = 2.0):
-    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels), over the positions that have a label."
-    if student_logits.shape != teacher_logits.shape:
+    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels), over the positions that have a label; `teacher_logits` at every position, or at those positions only (`answer_logits`)."
+    if teacher_logits.dim() == 3 and student_logits.shape != teacher_logits.shape:
         raise SlmopsError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
                           f"{tuple(teacher_logits.shape)} differ: logit KD needs one vocabulary (see check_same_vocabulary).")
     mask = labels[:, 1:] != -100  # logits at position i predict token i + 1
-    s, t, y = student_logits[:, :-1][mask], teacher_logits[:, :-1][mask].detach(), labels[:, 1:][mask]
+    s, y = student_logits[:, :-1][mask], labels[:, 1:][mask]
+    t = (teacher_logits if teacher_logits.dim() == 2 else teacher_logits[:, :-1][mask]).detach()
+    if t.shape != s.shape:
+        raise SlmopsError(f"kd_loss: {tuple(t.shape)} teacher logits for {tuple(s.shape)} labelled positions of the student: "
+                          "the cached logits are of other examples or another vocabulary.")
     ce = F.cross_entropy(s, y)
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                   log_target=True, reduction="batchmean") * temperature ** 2
@@ -158,43 +164,87 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher=None, st
 
 # %% ../nbs/02_distillation.ipynb #d26fa4d1
 class DistillTrainer(Trainer):
-    "A Trainer whose loss is `kd_loss` against a frozen teacher's logits (token-level KD)."
-    def __init__(self, *args, teacher, alpha: float = 0.5, temperature: float = 2.0, **kwargs):
+    "A Trainer whose loss is `kd_loss` against a frozen teacher's logits (token-level KD): the batch's cached `teacher_logits` when its examples carry them, else the `teacher`'s answer to the batch."
+    def __init__(self, *args, teacher=None, alpha: float = 0.5, temperature: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher, self.alpha, self.temperature = teacher.eval().requires_grad_(False), alpha, temperature
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: v for k, v in inputs.items() if k != "labels"}  # padded, or one row with positions (FlatCollator)
+        batch = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}  # padded, or one row with positions
         out = model(**batch)
-        with torch.no_grad(): teacher_logits = self.teacher.to(out.logits.device)(**batch).logits
+        teacher_logits = inputs.get("teacher_logits")
+        if teacher_logits is None:
+            with torch.no_grad(): teacher_logits = self.teacher.to(out.logits.device)(**batch).logits
         loss = kd_loss(out.logits, teacher_logits, inputs["labels"], self.alpha, self.temperature)
         return (loss, out) if return_outputs else loss
+
+# %% ../nbs/02_distillation.ipynb #kd0c2
+def labelled_positions(example: dict) -> int:
+    "How many positions of an encoded example `kd_loss` compares: those whose next token has a label."
+    return sum(y != -100 for y in example["labels"][1:])
+
+def answer_logits(teacher, tokenizer, examples: list[dict], batch_size: int = 64) -> list[torch.Tensor]:
+    "The teacher's logits (on the CPU) at the labelled positions of each encoded example: one tensor of (positions, vocabulary) each."
+    collate, logits = PadCollator(tokenizer.pad_token_id), []
+    teacher.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(teacher.device) for k, v in collate(examples[i:i + batch_size]).items()}
+            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits += [row[:-1][y[1:] != -100].float().cpu() for row, y in zip(out, batch["labels"])]
+    return logits
+
+def save_answer_logits(teacher, tokenizer, records: list[dict], path, *, task: Task | None = None, max_length: int = 96,
+                       max_gib: float = 1.0) -> Path | None:
+    "`answer_logits` of `records` as `train_student` encodes them, written to `path` for the logit-KD students; None (nothing written) when they would take more than `max_gib`."
+    examples = task_examples(tokenizer, task or Task(), records, max_length)
+    size = sum(map(labelled_positions, examples)) * teacher.get_output_embeddings().out_features * 4
+    if size > max_gib * 2**30: return None
+    logits = answer_logits(teacher, tokenizer, examples)
+    buf = io.BytesIO()
+    torch.save({"logits": torch.cat(logits), "rows": torch.tensor([len(t) for t in logits])}, buf)
+    return atomic_write_text(path, buf.getvalue())
+
+def load_answer_logits(path) -> list[torch.Tensor]:
+    "The per-example teacher logits `save_answer_logits` wrote."
+    saved = torch.load(path, weights_only=True)
+    return list(saved["logits"].split(saved["rows"].tolist()))
 
 # %% ../nbs/02_distillation.ipynb #9f54166e
 KD_METHODS = ("gold_only", "seq_kd", "logit_kd")
 
-def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None,
+def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
+    if len(logits) != len(examples) or any(len(t) != labelled_positions(e) for e, t in zip(examples, logits)):
+        raise SlmopsError(f"teacher_logits: cached for other examples ({len(logits)} for {len(examples)} records, or other "
+                          "answers). Compute them again from these records (save_answer_logits), or pass the teacher.")
+    return [{**e, "teacher_logits": t} for e, t in zip(examples, logits)]
+
+def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None, teacher_logits=None,
                   alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 32,
                   seed: int = 0, max_length: int = 96, task: Task | None = None, **training_args) -> dict:
-    "Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps."
+    "Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records."
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
     if steps < 1: raise SlmopsError(f"steps must be at least 1, got {steps}.")
     examples = task_examples(tokenizer, task or Task(), records, max_length)
     extra = {}
     if method == "logit_kd":
-        if teacher is None: raise SlmopsError("logit_kd needs the teacher model (teacher=...).")
+        if teacher is None and teacher_logits is None:
+            raise SlmopsError("logit_kd needs the teacher model (teacher=...) or its cached logits (teacher_logits=...).")
+        if teacher_logits is not None: examples = _with_teacher_logits(examples, teacher_logits)
         extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha, temperature=temperature))
     return train_causal_lm(student, tokenizer, examples, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            name=method, **extra, **training_args)
 
 # %% ../nbs/02_distillation.ipynb #f2a031
 def train_student_into(out, method: str, student: str, teacher, records: list[dict], *, steps: int, seed: int = 0,
-                       device: str | None = None, **train_args) -> dict:
-    "A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or hub id), saved in `out`: its train seconds and trainer."
+                       device: str | None = None, teacher_logits_file=None, **train_args) -> dict:
+    "A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train seconds and trainer."
     teacher_tok = load_tokenizer(teacher)
     model, tok = make_student(student, teacher_tok, seed)
-    teacher_model = load_model(teacher, device=device) if method == "logit_kd" else None
-    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, seed=seed, **train_args)
+    cached = load_answer_logits(teacher_logits_file) if method == "logit_kd" and teacher_logits_file else None
+    teacher_model = load_model(teacher, device=device) if method == "logit_kd" and cached is None else None
+    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, teacher_logits=cached, seed=seed, **train_args)
     with atomic_dir(out) as tmp: save_model(model, tok, tmp)
     return {"folder": Path(out), "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
 

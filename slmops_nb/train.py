@@ -66,6 +66,10 @@ class PadCollator:
             weight[i, :k] = b.get("weight", 1.0)
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if "weight" in batch[0]: out["weight"] = weight
+        return self.carry(batch, out)
+    def carry(self, batch, out: dict) -> dict:
+        "`out` with the examples' `teacher_logits` (rows at their labelled positions, cached by distillation) stacked in batch order."
+        if "teacher_logits" in batch[0]: out["teacher_logits"] = torch.cat([b["teacher_logits"] for b in batch])
         return out
 
 # %% ../nbs/00e_train.ipynb #c013c
@@ -82,7 +86,7 @@ class FlatCollator(PadCollator):
                "position_ids": row(lambda b: range(len(b["input_ids"]))),
                "use_cache": False}  # with a cache the models do not look for the restarts in the positions
         if "weight" in batch[0]: out["weight"] = row(lambda b: [b["weight"]] * len(b["input_ids"])).float()
-        return out
+        return self.carry(batch, out)
 
 # %% ../nbs/00e_train.ipynb #c015
 class EpochLogger(TrainerCallback):
@@ -159,7 +163,9 @@ def train_causal_lm(model, tokenizer, train: list[dict], *, eval_examples: list[
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr, seed=seed, data_seed=seed,
-        **{**training_defaults(), "eval_strategy": "epoch" if eval_examples else "no", **training_args})
+        # remove_unused_columns: the collators build the model's inputs; on, the Trainer would drop what a subclass's loss
+        # reads (weight, teacher_logits)
+        **{**training_defaults(), "remove_unused_columns": False, "eval_strategy": "epoch" if eval_examples else "no", **training_args})
     trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval_examples, callbacks=list(callbacks),
                           data_collator=FlatCollator(tokenizer.pad_token_id), **(trainer_kwargs or {}))
     return run_trainer(trainer, name)

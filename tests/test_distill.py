@@ -3,7 +3,7 @@ import torch
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import load_records, tone_split
-from slmops_nb.distill import (STUDENT, check_same_vocabulary, kd_loss, make_student, synthesize,
+from slmops_nb.distill import (STUDENT, check_same_vocabulary, kd_loss, load_answer_logits, make_student, save_answer_logits, synthesize,
                                train_gkd, train_student, train_students, validate_answers)
 from slmops_nb.evaluate import generate_answers
 from slmops_nb.train import PadCollator, encode_chats
@@ -101,6 +101,21 @@ def test_logit_kd_and_gkd_train_a_student(tok):
         res = train(student)
         assert res["train_seconds"] > 0 and res["log_history"][-1]["train_loss"] > 0
         assert not torch.equal(before, student.lm_head.weight)
+
+
+def test_logit_kd_on_cached_teacher_logits_trains_the_student_the_teacher_trains(tmp_path, tok):
+    "The teacher's logits saved once (save_answer_logits) train the very student the teacher run at every step trains."
+    teacher, _ = make_student(STUDENT, tok, seed=5)
+    recs = tone_split("train")[:32]
+    path = save_answer_logits(teacher, tok, recs, tmp_path/"logits.pt")
+    live, cached = make_student(STUDENT, tok, seed=0)[0], make_student(STUDENT, tok, seed=0)[0]
+    a = train_student("logit_kd", live, tok, recs, steps=4, teacher=teacher, batch_size=8)
+    b = train_student("logit_kd", cached, tok, recs, steps=4, teacher_logits=load_answer_logits(path), batch_size=8)
+    assert abs(a["log_history"][-1]["train_loss"] - b["log_history"][-1]["train_loss"]) < 1e-4
+    assert torch.allclose(live.lm_head.weight, cached.lm_head.weight, atol=1e-5)
+    with pytest.raises(SlmopsError, match="cached for other examples"):
+        train_student("logit_kd", cached, tok, recs[:16], steps=1, teacher_logits=load_answer_logits(path))
+    assert save_answer_logits(teacher, tok, recs, tmp_path/"big.pt", max_gib=1e-6) is None and not (tmp_path/"big.pt").exists()
 
 
 def test_students_side_by_side_are_the_students_trained_in_order(tmp_path, tok):
