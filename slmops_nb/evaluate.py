@@ -16,7 +16,6 @@ from .core import SlmopsError, progress_bar
 from .data import Task, chat_text
 from .measure import Timer, latency_stats, model_size
 from .models import stop_token_ids
-from .train import PadCollator
 
 # %% auto #0
 __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy',
@@ -99,6 +98,7 @@ def class_report(pred: list[str], gold: list[str], labels) -> dict:
 @torch.no_grad()
 def answer_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
     "Mean cross-entropy of the answer tokens of `examples` (the labels that are not -100)."
+    from slmops_nb.train import PadCollator  # here: slmops serve imports this module, and needs no Trainer
     model.eval()
     collate, total, count = PadCollator(tokenizer.pad_token_id), 0.0, 0
     device = next(model.parameters()).device

@@ -17,7 +17,6 @@ from .core import SlmopsError, artifact_info, cached_artifact, file_hash, is_cac
 from .measure import Timer
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, chat_text, instruction_split, tone_split, workbench_records
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
-from .train import encode_texts, task_examples, train_causal_lm
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER_STEPS',
@@ -156,6 +155,7 @@ def task_texts(task: Task) -> list[str]:
 def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data  # a task's base: the base, reading on
 
 def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: int = 0):
+    from slmops_nb.train import encode_texts, task_examples
     if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
     if _continued(data):  # the task's texts and as many of the base's own (it keeps the chat format it knows)
         texts = task_texts(task)
@@ -168,6 +168,7 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
 
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
+    from slmops_nb.train import train_causal_lm  # here: the Trainer takes seconds to import, and what only loads models needs none
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
     if _continued(data):
