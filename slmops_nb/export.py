@@ -25,7 +25,7 @@ from .data import Task
 from .evaluate import POINTS
 from .models import load_tokenizer, resolve_model, task_model
 from .runtimes import GENAI_FILES, check_genai_folder, check_llama_cpp, genai_copy
-from .tools import ToolError, olive_run_config, olive_workflow, run_olive, run_tool, text_data_config
+from .tools import ToolError, olive_run_config, olive_run_configs, olive_workflow, run_olive, run_tool, text_data_config
 from .train import task_examples
 
 # %% auto #0
@@ -255,9 +255,11 @@ def genai_input(folder) -> dict:
     return {"type": "ONNXModel", "model_path": str(folder), "onnx_file_name": "model.onnx", "model_attributes": {"additional_files": files}}
 
 # %% ../nbs/04_deployment.ipynb #fr02
-def quantize_genai(fp32_folder, out, passes: dict, timeout: float | None = None) -> Path:
-    "A GenAI folder from `fp32_folder` through Olive's weight-only `passes` (`olive run --config`), runnable by ONNX Runtime GenAI."
-    return runnable(olive_run_config(olive_workflow(genai_input(fp32_folder), passes), out, GENAI_FILES, timeout))
+def quantize_genai(fp32_folder, out, variants: dict, timeout: float | None = None) -> dict[str, Path]:
+    "GenAI folders out/NAME from `fp32_folder` through Olive's weight-only passes, NAME: passes of `variants`, each runnable by ONNX Runtime GenAI; one Olive process for them all (`olive_run_configs`)."
+    model = genai_input(fp32_folder)
+    built = olive_run_configs({name: olive_workflow(model, passes) for name, passes in variants.items()}, out, GENAI_FILES, timeout)
+    return {name: runnable(folder) for name, folder in built.items()}
 
 # %% ../nbs/04_deployment.ipynb #fr03
 def embedding_and_head(fp32_folder) -> tuple[str, str]:
@@ -296,13 +298,13 @@ def gptq_workflow(merged, data_file, text_template: str, samples: int = 128, max
                           data_configs=[text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")])
 
 # %% ../nbs/04_deployment.ipynb #fr06
-def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128), jobs: int = 2) -> dict:
-    "Every frontier variant of `merged` and its GenAI `fp32_folder` into `out/NAME`, `jobs` Olive runs at a time: {name: folder}; `calibration`: (data file, text template) for GPTQ."
-    out, passes = Path(out), frontier_passes(fp32_folder, block_sizes)
-    with ThreadPoolExecutor(jobs) as pool:
-        runs = {name: pool.submit(quantize_genai, fp32_folder, out/name, p) for name, p in passes.items()}
-        runs["ort_int4_gptq"] = pool.submit(olive_run_config, gptq_workflow(merged, *calibration), out/"ort_int4_gptq", GENAI_FILES)
-        return {name: run.result() for name, run in runs.items()}
+def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128)) -> dict:
+    "Every frontier variant: the weight-only ones of the GenAI `fp32_folder` into out/frontier/NAME (one Olive process), GPTQ of `merged` into out/ort_int4_gptq beside it; {name: folder}. `calibration`: (data file, text template) for GPTQ."
+    out = Path(out)
+    with ThreadPoolExecutor(1) as side:
+        gptq = side.submit(olive_run_config, gptq_workflow(merged, *calibration), out/"ort_int4_gptq", GENAI_FILES)
+        built = quantize_genai(fp32_folder, out/"frontier", frontier_passes(fp32_folder, block_sizes))
+        return {**built, "ort_int4_gptq": gptq.result()}
 
 # %% ../nbs/04_deployment.ipynb #fr10
 def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: float = 10):

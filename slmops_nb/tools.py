@@ -5,6 +5,7 @@
 # %% ../nbs/00h_tools.ipynb #c002
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ from .models import resolve_model
 
 # %% auto #0
 __all__ = ['OLIVE_QUIET', 'OLIVE_METHODS', 'OLIVE_PROVIDERS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive',
-           'olive_finetune', 'text_data_config', 'olive_workflow', 'finetune_workflow', 'olive_run_config']
+           'olive_finetune', 'text_data_config', 'olive_workflow', 'finetune_workflow', 'olive_run_config',
+           'run_olive_batch', 'olive_run_configs']
 
 # %% ../nbs/00h_tools.ipynb #c005
 class ToolError(SlmopsError):
@@ -152,3 +154,29 @@ def olive_run_config(config: dict, out, expect: list[str], timeout: float | None
     out = Path(out).resolve()
     path = write_json(out.with_name(out.name + ".olive.json"), {k: v for k, v in config.items() if k != "output_dir"})
     return run_olive(["run", "--config", path], out, expect, timeout, threads)
+
+# %% ../nbs/00h_tools.ipynb #c030
+# the batch: Olive's command line (olive.cli.launcher.main, what `python -m olive` calls), once per run, in one process
+_OLIVE_BATCH = """import json, sys
+from olive.cli.launcher import main
+for args in json.loads(sys.argv[1]):
+    print("$ olive", *args, flush=True)
+    main(args, called_as_console_script=False)
+"""
+
+def run_olive_batch(jobs: dict[str, list], out, expect: list[str], timeout: float | None = None,
+                    threads: int | None = None) -> dict[str, Path]:
+    "Run `olive ARGS -o out/NAME` for each NAME, ARGS of `jobs`, one after the other in one Python process; `out` is replaced only if every run wrote every path in `expect`."
+    command = lambda tmp: [sys.executable, "-c", _OLIVE_BATCH,
+                           json.dumps([[*map(str, args), "-o", str(tmp/name)] for name, args in jobs.items()])]
+    folder = run_tool("olive", command, out, [f"{name}/{e}" for name in jobs for e in expect], timeout, threads,
+                      scratch=(".olive-cache",), title=f"olive ({len(jobs)} runs in one process)", env=OLIVE_QUIET)
+    return {name: folder/name for name in jobs}
+
+def olive_run_configs(configs: dict[str, dict], out, expect: list[str], timeout: float | None = None,
+                      threads: int | None = None) -> dict[str, Path]:
+    "`olive run --config` on each workflow of `configs` into out/NAME, all in one process (`run_olive_batch`); the configs are written to `out`.olive/NAME.json."
+    out = Path(out).resolve()
+    paths = {name: write_json(out.with_name(out.name + ".olive")/f"{name}.json", {k: v for k, v in cfg.items() if k != "output_dir"})
+             for name, cfg in configs.items()}
+    return run_olive_batch({name: ["run", "--config", p] for name, p in paths.items()}, out, expect, timeout, threads)

@@ -129,10 +129,15 @@ def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
     passes = frontier_passes(genai_dir, block_sizes=(32,))
     assert set(passes) == {"ort_int4_rtn_b32_sym", "ort_int4_rtn_b32_asym", "ort_int4_mixed", "ort_int4_hqq", "ort_int4_kquant"}
     assert passes["ort_int4_mixed"]["int8"]["nodes_to_include"] == ["/model/embed_tokens/Gather", "/lm_head/MatMul"]
-    q = quantize_genai(genai_dir, tmp_path/"int4", passes["ort_int4_rtn_b32_sym"])
-    assert read_json(q/"genai_config.json")["model"]["decoder"]["outputs"]["logits"] == "logits_Q4"
-    assert (q/"model.onnx").stat().st_size < 0.3 * sum(f.stat().st_size for f in genai_dir.glob("model.onnx*"))
-    assert isinstance(GenAIModel(q).chat([{"role": "user", "content": "Wow!"}], 4), str)
+    two = quantize_genai(genai_dir, tmp_path/"int4", {n: passes[n] for n in ("ort_int4_rtn_b32_sym", "ort_int4_mixed")})
+    assert list(two) == ["ort_int4_rtn_b32_sym", "ort_int4_mixed"] and all(f.parent == tmp_path/"int4" for f in two.values())
+    logits = {n: read_json(q/"genai_config.json")["model"]["decoder"]["outputs"]["logits"] for n, q in two.items()}
+    assert logits == {"ort_int4_rtn_b32_sym": "logits_Q4", "ort_int4_mixed": "logits_Q8"}  # mixed: lm_head at 8 bits
+    for q in two.values():  # one Olive process made both, each a folder GenAI runs
+        assert (q/"model.onnx").stat().st_size < 0.3 * sum(f.stat().st_size for f in genai_dir.glob("model.onnx*"))
+        assert isinstance(GenAIModel(q).chat([{"role": "user", "content": "Wow!"}], 4), str)
+    assert "$ olive run --config" in (tmp_path/"int4.olive.log").read_text()
+    q = two["ort_int4_rtn_b32_sym"]
     cfg = read_json(q/"genai_config.json")
     cfg["model"]["decoder"]["outputs"]["logits"] = "scores"
     write_json(q/"genai_config.json", cfg)

@@ -4,7 +4,7 @@ import pytest
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import tone_split, write_jsonl
-from slmops_nb.tools import ToolError, finetune_workflow, olive_finetune, run_olive
+from slmops_nb.tools import ToolError, finetune_workflow, olive_finetune, run_olive, run_olive_batch
 from slmops_nb.models import resolve_model
 
 TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>\n"
@@ -60,3 +60,8 @@ def test_olive_exit_0_without_output_is_an_error_and_keeps_earlier_output(tmp_pa
     with pytest.raises(ToolError, match="(?s)olive finetune exited with code 1.*Repo id must be in the form"):
         run_olive(args, out, [])
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    args[2] = resolve_model("workbench:base")  # in one process: a run without output fails the batch, and nothing is written
+    with pytest.raises(ToolError, match=r"olive \(2 runs in one process\) exited 0 but did not write \['a/adapter/adapter_config.json'"):
+        run_olive_batch({"a": args, "b": args}, out, ["adapter/adapter_config.json"])
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    assert (tmp_path/"lora.olive.log").read_text().count("$ olive finetune") == 2  # the second ran after the first wrote nothing
