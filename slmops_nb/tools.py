@@ -108,11 +108,11 @@ def olive_finetune(base, data_file, text_template: str, out, method: str = "lora
 
 # %% ../nbs/00h_tools.ipynb #c024a
 def text_data_config(name: str, data_file, text_template: str, max_seq_len: int, max_samples: int, strategy: str | None = None) -> dict:
-    "An Olive data config: the rows of a local JSON / CSV file as texts made by `text_template` (the one `olive finetune` writes)."
+    "An Olive data config: the rows of a local JSON / CSV file as texts made by `text_template` (the one `olive finetune` writes); a relative path is taken from here, not from Olive's working folder."
     text = {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
             "max_samples": max_samples, **({"strategy": strategy} if strategy else {})}
     return {"name": name, "type": "HuggingfaceContainer",
-            "load_dataset_config": {"data_name": _data_format(Path(data_file)), "split": "train", "data_files": [str(data_file)]},
+            "load_dataset_config": {"data_name": _data_format(Path(data_file)), "split": "train", "data_files": [str(Path(data_file).resolve())]},
             "pre_process_data_config": text, "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}
 
 # %% ../nbs/00h_tools.ipynb #c023x
