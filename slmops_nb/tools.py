@@ -149,11 +149,14 @@ def finetune_workflow(base, data_file, text_template: str, method: str = "lora",
                           data_configs=[text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)])
 
 # %% ../nbs/00h_tools.ipynb #c025
+def _workflow_file(path, config: dict) -> Path:
+    "`config` written to `path` for `olive run --config`, without an output folder: the `-o` of the run gives it."
+    return write_json(path, {k: v for k, v in config.items() if k != "output_dir"})
+
 def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Write an Olive workflow `config` next to `out` and run `olive run --config` on it into `out`."
     out = Path(out).resolve()
-    path = write_json(out.with_name(out.name + ".olive.json"), {k: v for k, v in config.items() if k != "output_dir"})
-    return run_olive(["run", "--config", path], out, expect, timeout, threads)
+    return run_olive(["run", "--config", _workflow_file(out.with_name(out.name + ".olive.json"), config)], out, expect, timeout, threads)
 
 # %% ../nbs/00h_tools.ipynb #c030
 # the batch: Olive's command line (olive.cli.launcher.main, what `python -m olive` calls), once per run, in one process
@@ -177,6 +180,5 @@ def olive_run_configs(configs: dict[str, dict], out, expect: list[str], timeout:
                       threads: int | None = None) -> dict[str, Path]:
     "`olive run --config` on each workflow of `configs` into out/NAME, all in one process (`run_olive_batch`); the configs are written to `out`.olive/NAME.json."
     out = Path(out).resolve()
-    paths = {name: write_json(out.with_name(out.name + ".olive")/f"{name}.json", {k: v for k, v in cfg.items() if k != "output_dir"})
-             for name, cfg in configs.items()}
+    paths = {name: _workflow_file(out.with_name(out.name + ".olive")/f"{name}.json", cfg) for name, cfg in configs.items()}
     return run_olive_batch({name: ["run", "--config", p] for name, p in paths.items()}, out, expect, timeout, threads)
