@@ -23,8 +23,9 @@ from .core import SlmopsError, atomic_write_text
 # %% auto #0
 __all__ = ['TONES', 'TONE_TEMPLATE', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'TASK_KINDS', 'TASK_FIELDS',
            'BUILTIN_TASKS', 'DataError', 'stratified_split', 'write_jsonl', 'load_records', 'template_fields',
-           'render_template', 'chat_messages', 'render_chat', 'chat_text', 'workbench_records', 'tone_split',
-           'instruction_split', 'Task', 'load_task', 'task_from_params']
+           'render_template', 'chat_messages', 'render_chat', 'chat_text', 'end_of_turn_id', 'stop_token_ids',
+           'load_chat_tokenizer', 'workbench_records', 'tone_split', 'instruction_split', 'Task', 'load_task',
+           'task_from_params']
 
 # %% ../nbs/00b_data.ipynb #c005
 class DataError(SlmopsError):
@@ -193,6 +194,32 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 def chat_text(tokenizer, user: str, assistant: str | None = None, system: str | None = None) -> str:
     "The model's chat template applied to one exchange; without `assistant`, a generation prompt."
     return render_chat(tokenizer, chat_messages(user, assistant, system), add_generation_prompt=assistant is None)
+
+# %% ../nbs/00b_data.ipynb #c036d
+def end_of_turn_id(tokenizer) -> int | None:
+    "The special token the chat template closes an answer with (`<|end|>`, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...)."
+    if not getattr(tokenizer, "chat_template", None): return None
+    marker = "ANSWER-7f3a"
+    text = chat_text(tokenizer, "x", marker)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), None)
+
+# %% ../nbs/00b_data.ipynb #c036f
+def stop_token_ids(tokenizer) -> list[int]:
+    "Token ids that end an answer: the tokenizer's eos and the token its chat template ends a turn with."
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+# %% ../nbs/00b_data.ipynb #c036i
+def load_chat_tokenizer(folder):
+    "The tokenizer of model `folder` for its chat template, stop tokens and counts, loaded without PyTorch where `tokenizer.json` is there."
+    folder = Path(folder)
+    if (folder/"tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast  # here, and not AutoTokenizer: importing that imports PyTorch
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer  # a slow (SentencePiece) tokenizer: its own class
+    return AutoTokenizer.from_pretrained(str(folder))
 
 # %% ../nbs/00b_data.ipynb #c038
 def workbench_records(name: str) -> list[dict]:

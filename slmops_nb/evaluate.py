@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import SlmopsError, progress_bar
-from .data import Task, chat_text
+from .data import Task, chat_text, stop_token_ids
 from .measure import Timer, latency_stats, model_size
-from .models import stop_token_ids
 
 # %% auto #0
 __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy',

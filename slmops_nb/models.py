@@ -15,16 +15,15 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 
 from .core import SlmopsError, artifact_info, cached_artifact, file_hash, is_cached, seed_everything, side_by_side, write_json
 from .measure import Timer
-from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, chat_text, instruction_split, tone_split, workbench_records
+from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, instruction_split, stop_token_ids, tone_split, workbench_records
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER_STEPS',
            'TASK_BASE', 'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES',
            'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer',
-           'end_of_turn_id', 'stop_token_ids', 'save_model', 'model_spec', 'new_model', 'task_texts',
-           'task_fingerprint', 'task_spec', 'workbench_path', 'build_workbench', 'resolve_model', 'load_tokenizer',
-           'load_model', 'task_model', 'load_base', 'tiny_model']
+           'save_model', 'model_spec', 'new_model', 'task_texts', 'task_fingerprint', 'task_spec', 'workbench_path',
+           'build_workbench', 'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -88,22 +87,6 @@ def tokenizer_spec() -> dict:
 def build_tokenizer(root=None) -> Path:
     "The workbench tokenizer folder (built once, then cached under `root`, default the cache root)."
     return cached_artifact("tokenizer", tokenizer_spec(), lambda out: _build_tokenizer(out, TOKENIZER_SPEC), root)
-
-# %% ../nbs/00d_models.ipynb #c020
-def end_of_turn_id(tokenizer) -> int | None:
-    "The special token the chat template closes an answer with (`<|end|>`, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...)."
-    if not getattr(tokenizer, "chat_template", None): return None
-    marker = "ANSWER-7f3a"
-    text = chat_text(tokenizer, "x", marker)
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
-    return next((i for i in after if i in special), None)
-
-# %% ../nbs/00d_models.ipynb #c022
-def stop_token_ids(tokenizer) -> list[int]:
-    "Token ids that end an answer: the tokenizer's eos and the token its chat template ends a turn with."
-    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 # %% ../nbs/00d_models.ipynb #c025
 def save_model(model, tokenizer, out: Path):

@@ -19,12 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from transformers import AutoTokenizer
 
 from .core import SlmopsError, atomic_dir, read_json, write_json
-from .data import Task, chat_text, render_chat
-from .evaluate import answer_budget, task_answer, task_predictions
-from .models import load_model, load_tokenizer, stop_token_ids
+from .data import Task, chat_text, load_chat_tokenizer, render_chat, stop_token_ids
+# evaluate and models import PyTorch: a server of an ONNX or GGUF folder does without it, so they come where used
 
 # %% auto #0
 __all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'cpu_threads', 'GenAIModel',
@@ -65,6 +63,7 @@ class ChatModel:
 
     def predict(self, task: Task, records: list[dict], **kw) -> list[str]:
         "The answers to a task's records: a label each for a classifier, text for a generator (the budget of `answer_budget`)."
+        from slmops_nb.evaluate import answer_budget, task_answer
         budget = answer_budget(self.chat_tokenizer, task)
         answers = [self.chat(task.messages(r), budget, **kw) for r in records]
         return [task_answer(task, a) for a in answers]
@@ -73,6 +72,7 @@ class ChatModel:
 class TorchModel(ChatModel):
     "PyTorch eager fp32 with transformers `generate` (greedy), streamed token by token: the baseline."
     def __init__(self, folder, name: str = "pytorch_fp32"):
+        from slmops_nb.models import load_model, load_tokenizer
         self.folder, self.name = folder, name
         self.model, self.tokenizer = load_model(folder).eval(), load_tokenizer(folder)
         self.chat_tokenizer = self.tokenizer
@@ -107,6 +107,7 @@ class TorchModel(ChatModel):
 
     def predict(self, task: Task, records: list[dict]) -> list[str]:
         "The answers to a task's records, generated in batches."
+        from slmops_nb.evaluate import task_predictions
         return task_predictions(self.model, self.tokenizer, task, records)
 
 # %% ../nbs/00g_runtimes.ipynb #c011
@@ -146,7 +147,7 @@ class GenAIModel(ChatModel):
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
-        self.chat_tokenizer = AutoTokenizer.from_pretrained(str(self.folder))  # the chat template and the stop tokens
+        self.chat_tokenizer = load_chat_tokenizer(self.folder)  # the chat template and the stop tokens
         cfg = read_json(self.folder/"genai_config.json")["model"]
         eos = cfg.get("eos_token_id", [])
         self.stop_ids = set(stop_token_ids(self.chat_tokenizer)) | set(eos if isinstance(eos, list) else [eos])
@@ -262,7 +263,7 @@ class LlamaCppModel(ChatModel):
         # freed when collected or at exit, before the interpreter tears down what llama-cpp-python 0.3.36 frees them with
         self._free = weakref.finalize(self, self.llm.close)
         self._one_at_a_time = threading.Lock()
-        self.chat_tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        self.chat_tokenizer = load_chat_tokenizer(self.folder)
         self.stop_ids = set(stop_token_ids(self.chat_tokenizer)) | {self.llm.token_eos()}
         self.context_length = self.llm.n_ctx()
 
@@ -301,7 +302,7 @@ def foundry_model_folder(genai_folder, out, name: str) -> Path:
     with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         write_json(tmp/"inference_model.json", {
-            "Name": name, "PromptTemplate": prompt_template(AutoTokenizer.from_pretrained(str(src))),
+            "Name": name, "PromptTemplate": prompt_template(load_chat_tokenizer(src)),
             "ModelConfig": {"context_length": cfg["model"]["context_length"], "eos_token_id": cfg["model"]["eos_token_id"],
                             "execution_provider": "CPUExecutionProvider", "task": "chat-completion"}})
     return Path(out)
@@ -356,7 +357,7 @@ class FoundryLocal(ChatModel):
         "Register a Foundry Local model folder as `name:version` (chat-completion) and load it; also its throughput copy."
         self.model = self._register(folder, model_id)
         self.name, self.context_length = model_id, read_json(Path(folder)/"genai_config.json")["model"]["context_length"]
-        self.chat_tokenizer = AutoTokenizer.from_pretrained(str(folder))  # Foundry renders the chat itself; the ids count the prompt
+        self.chat_tokenizer = load_chat_tokenizer(folder)  # Foundry renders the chat itself; the ids count the prompt
         if throughput_folder: self.throughput_model = self._register(throughput_folder, model_id.replace(":", "-throughput:"))
         return self.model
 

@@ -50,6 +50,8 @@ def test_canary_share_metrics_and_log_through_the_openai_client(tmp_path, folder
                                                messages=[{"role": "user", "content": f"Mail me at ann{i}@example.com, I am so happy"}])
             assert r.choices[0].message.content
         totals = _requests_total(server.base_url)
+        torch_libs = [l for l in Path(f"/proc/{server.pid}/maps").read_text().splitlines() if "libtorch" in l]
+    assert not torch_libs, torch_libs[:2]  # a server of ONNX folders loads no PyTorch: it is ready in seconds, not ten
     lines = read_request_log(log)
     answered = served(lines)
     assert len(answered) == 120 and all(l["status"] == 200 for l in answered)

@@ -9,13 +9,13 @@ from openai import OpenAI
 from transformers import GenerationConfig
 
 from slmops_nb.core import SlmopsError, read_json
-from slmops_nb.data import TONES, Task, tone_split
+from slmops_nb.data import TONES, Task, stop_token_ids, tone_split
 from slmops_nb.export import build_direct, exportable_adapter, olive_build
 from slmops_nb.runtimes import FoundryLocal, GenAIModel, TorchModel, foundry_model_folder
 from slmops_nb.train import FlatCollator, PadCollator, task_examples
 from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.serve import ServerProcess
-from slmops_nb.models import TINY_FAMILIES, load_model, load_tokenizer, save_model, stop_token_ids, tiny_model
+from slmops_nb.models import TINY_FAMILIES, load_model, load_tokenizer, save_model, tiny_model
 from slmops_nb.evaluate import logit_gap, next_token_logits
 
 SLMOPS = str(Path(sys.executable).parent/"slmops")
