@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,10 +20,10 @@ from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, i
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
 # %% auto #0
-__all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER_STEPS',
-           'TASK_BASE', 'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES',
-           'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer',
-           'save_model', 'model_spec', 'new_model', 'task_texts', 'task_fingerprint', 'task_spec', 'workbench_path',
+__all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER', 'TASK_BASE',
+           'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts',
+           'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model',
+           'model_spec', 'new_model', 'task_texts', 'task_fingerprint', 'task_spec', 'workbench_path',
            'build_workbench', 'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
@@ -112,7 +113,8 @@ MODEL_SPECS = {
                 "knows": 600},  # drifted tone phrasings beyond the task's data (the tones teacher only)
 }
 
-TASK_TEACHER_STEPS = 300  # a teacher of a small task trains for this many steps at least (more epochs over its few examples)
+TASK_TEACHER = {"max_steps": 300, "patience": 2}  # a teacher of another task: epochs over its few examples until its validation
+# loss has not improved for `patience` epochs (the best kept), at most `max_steps` steps
 TASK_BASE = {"epochs": 3, "max_steps": 100, "lr": 5e-4, "batch_size": 32, "max_length": 96}  # the base reads a task's texts on
 STUDENT_ARCH = _llama(64, 2, 2, 1, 256)  # distillation's student: built by chapter 02, several times smaller
 
@@ -151,6 +153,7 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
 
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
+    from transformers import EarlyStoppingCallback
     from slmops_nb.train import train_causal_lm  # here: the Trainer takes seconds to import, and what only loads models needs none
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
@@ -158,10 +161,14 @@ def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
         model, tr = AutoModelForCausalLM.from_pretrained(workbench_path("base", root)), data["continued"]
     else: model = new_model(tokenizer, spec["arch"], spec["seed"])
     train, valid = _training_data(data, tokenizer, tr["max_length"], task, spec.get("knows", 0))
+    task_teacher = isinstance(data, dict) and not _continued(data)  # TASK_TEACHER: many epochs over few examples, stopped early
     if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
-    else: epochs = tr["epochs"] if data == "tones" else max(tr["epochs"], math.ceil(TASK_TEACHER_STEPS * tr["batch_size"] / len(train)))
-    res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
-                          batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}")
+    else: epochs = max(tr["epochs"], math.ceil(data["max_steps"] * tr["batch_size"] / len(train))) if task_teacher else tr["epochs"]
+    with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:  # early stopping keeps its best epoch there
+        stop = dict(callbacks=[EarlyStoppingCallback(data["patience"])], save_strategy="epoch", save_only_model=True, save_total_limit=1,
+                    load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False) if task_teacher else {}
+        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"], batch_size=tr["batch_size"],
+                              seed=spec["seed"], name=f"workbench:{spec['name']}", output_dir=checkpoints, **stop)
     save_model(model, tokenizer, out)
     write_json(out/"train_log.json", {"train_seconds": res["train_seconds"], "log_history": res["log_history"]})
 
@@ -177,7 +184,7 @@ def task_spec(name: str, task: Task | None = None) -> dict:
     "What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its texts."
     spec = model_spec(name)
     if task is None or task.builtin: return spec
-    if name == "teacher": return {**spec, "data": {"task": task_fingerprint(task), "min_steps": TASK_TEACHER_STEPS}}
+    if name == "teacher": return {**spec, "data": {"task": task_fingerprint(task), **TASK_TEACHER}}
     return {**spec, "data": {"task": task_fingerprint(task), "continued": TASK_BASE}}
 
 def workbench_path(name: str, root=None, task: Task | None = None) -> Path:

@@ -10,8 +10,9 @@ import pytest
 from mlflow import MlflowClient
 from openai import OpenAI
 
-from slmops_nb.core import artifact_info
-from slmops_nb.models import resolve_model
+from slmops_nb.core import artifact_info, read_json
+from slmops_nb.data import Task
+from slmops_nb.models import TASK_TEACHER, resolve_model, task_model
 from slmops_nb.registry import model_folder
 from slmops_nb.runtimes import GenAIModel
 from slmops_nb.serve import ServerProcess
@@ -249,6 +250,11 @@ def test_every_chapter_on_your_own_data(tmp_path, intents_files):
     assert base.parent.name == "model-base" and base != resolve_model("workbench:base")
     assert artifact_info(base)["spec"]["data"]["task"]["label_column"] == "intent"
     assert intro["teacher_test_accuracy"] >= 0.9  # the workbench teacher was trained for this task
+    teacher = task_model("workbench:teacher", Task(**{f"{s}_file": str(f) for s, f in intents_files.items()},
+                                                   input_column="utterance", label_column="intent"))  # built by the run: cached
+    evals = [h for h in read_json(teacher/"train_log.json")["log_history"] if "eval_loss" in h]
+    best = min(range(len(evals)), key=lambda i: evals[i]["eval_loss"])  # it stopped `patience` epochs after its best one
+    assert len(evals) - 1 - best == TASK_TEACHER["patience"] and evals[-1]["step"] < TASK_TEACHER["max_steps"]
     assert dep["task"] == ft["task"] and any("every label" in k for k in dep["checklist"])
     assert dep["conversion"]["fp32_logit_gap"] <= 1e-3
     assert [r["name"] for r in dep["frontier"]] == ["ort_fp32", "ort_int8", "ort_int4"] and "llama_cpp=False" in dep["vs_llama_cpp"]["skipped"]
