@@ -9,7 +9,7 @@ import gc
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, EarlyStoppingCallback, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
 from .core import SlmopsError, atomic_dir
 from .measure import PeakMemory
@@ -76,9 +76,8 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
                 if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
         res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                               output_dir=out/"checkpoints", name=method, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-                              callbacks=[EarlyStoppingCallback(patience), OverfittingWarning(method)],
-                              max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum, save_total_limit=1,
-                              load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                              callbacks=[OverfittingWarning(method)], patience=patience,
+                              max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum,
                               report_to=["tensorboard"], **when)  # TensorBoard logs go to checkpoints/runs/
     model = res["trainer"].model
     if res["trainer"].is_world_process_zero():  # under torchrun, one process writes the result

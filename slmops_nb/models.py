@@ -153,7 +153,6 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
 
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
-    from transformers import EarlyStoppingCallback
     from slmops_nb.train import train_causal_lm  # here: the Trainer takes seconds to import, and what only loads models needs none
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
@@ -165,8 +164,7 @@ def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
     else: epochs = max(tr["epochs"], math.ceil(data["max_steps"] * tr["batch_size"] / len(train))) if task_teacher else tr["epochs"]
     with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:  # early stopping keeps its best epoch there
-        stop = dict(callbacks=[EarlyStoppingCallback(data["patience"])], save_strategy="epoch", save_only_model=True, save_total_limit=1,
-                    load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False) if task_teacher else {}
+        stop = dict(patience=data["patience"], save_strategy="epoch", save_only_model=True) if task_teacher else {}
         res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"], batch_size=tr["batch_size"],
                               seed=spec["seed"], name=f"workbench:{spec['name']}", output_dir=checkpoints, **stop)
     save_model(model, tokenizer, out)

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .core import SlmopsError, progress_bar, widget_progress
@@ -157,9 +157,13 @@ def run_trainer(trainer, name: str = "train") -> dict:
 # %% ../nbs/00e_train.ipynb #c024
 def train_causal_lm(model, tokenizer, train: list[dict], *, eval_examples: list[dict] | None = None, epochs: float = 1,
                     lr: float = 1e-3, batch_size: int = 16, seed: int = 0, output_dir=None, name: str = "train",
-                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, **training_args) -> dict:
-    "Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds."
+                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, patience: int | None = None, **training_args) -> dict:
+    "Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds. With `patience`, it stops when the validation loss has not improved for that many evaluations and ends on its best checkpoint (save at every evaluation: `save_strategy`)."
     if not train: raise SlmopsError(f"{name}: no training examples.")
+    if patience is not None:
+        callbacks = [EarlyStoppingCallback(patience), *callbacks]
+        training_args = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
+                             **training_args)
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr, seed=seed, data_seed=seed,
