@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
-from .core import SlmopsError, atomic_dir
+from .core import SlmopsError, atomic_dir, seed_everything
 from .measure import PeakMemory
 from .models import load_base, load_model, resolve_model, save_model
 from .train import OverfittingWarning, train_causal_lm
@@ -47,12 +47,13 @@ def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.0
                       target_modules=list(target_modules) if target_modules else None, use_dora=method == "dora")
 
 # %% ../nbs/00ea_adapt.ipynb #t046
-def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
-    "The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear layers by default)."
+def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None, seed: int = 0):
+    "The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear layers by default), its random init drawn from `seed`."
     if method == "full": return load_model(base)
     if method not in ADAPTER_METHODS: raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
     from peft import get_peft_model
     model = load_base(base, quantize_4bit=method == "qlora")
+    seed_everything(seed)  # the adapter's init: else it follows whatever this process drew before (another method, in a pool)
     return get_peft_model(model, peft_config(method, r, alpha, dropout, target_modules or lora_targets(model)))
 
 # %% ../nbs/00ea_adapt.ipynb #t047
@@ -71,7 +72,7 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
     out = Path(out)
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
-        model = prepare_model(method, base, r, alpha, dropout, target_modules)
+        model = prepare_model(method, base, r, alpha, dropout, target_modules, seed)
         when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(1, max_steps // 4))
                 if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
         res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
