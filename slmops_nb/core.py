@@ -31,8 +31,8 @@ from filelock import FileLock
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
            'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root',
            'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'is_cached',
-           'cached_artifact', 'artifact_info', 'seed_everything', 'side_by_side', 'package_versions', 'env_report',
-           'quiet', 'widget_progress', 'progress_bar']
+           'cached_artifact', 'artifact_info', 'seed_everything', 'pool_threads', 'side_by_side', 'package_versions',
+           'env_report', 'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -238,14 +238,29 @@ def seed_everything(seed: int = 0) -> int:
     return seed
 
 # %% ../nbs/00_core.ipynb #c047c
-def _one_process_threads(threads: int):
+_POOL = {}  # in a side_by_side process with grow: the calls not finished yet (shared), the threads of one, of all, the workers
+
+def _one_process_threads(threads: int, left=None, total: int = 0, workers: int = 0):
     import torch
     torch.set_num_threads(threads)
+    if left is not None: _POOL.update(left=left, threads=threads, total=total, workers=workers)
     quiet()
     sys.stdout = open(os.devnull, "w")  # its progress lines would land in the terminal of a notebook's kernel; errors come back
 
-def side_by_side(calls: list[tuple], threads: int = 1) -> list:
-    "The results of `calls` ([(function, args, kwargs)]), run in fresh processes on `threads` threads each, as many at a time as this process has threads for."
+def _pool_call(f, args, kwargs):
+    try: return f(*args, **kwargs)
+    finally:
+        if "left" in _POOL:
+            with _POOL["left"].get_lock(): _POOL["left"].value -= 1
+
+def pool_threads() -> int:
+    "The threads this process may use now: in a `side_by_side(grow=True)` process, the pool's threads shared by its calls still running; else its own."
+    import torch
+    if "left" not in _POOL: return torch.get_num_threads()
+    return max(_POOL["threads"], _POOL["total"] // max(1, min(_POOL["left"].value, _POOL["workers"])))
+
+def side_by_side(calls: list[tuple], threads: int = 1, grow: bool = False) -> list:
+    "The results of `calls` ([(function, args, kwargs)]), run in fresh processes on `threads` threads each, as many at a time as this process has threads for; with `grow`, the last ones take the threads the others free (`pool_threads`)."
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     import torch
@@ -254,8 +269,10 @@ def side_by_side(calls: list[tuple], threads: int = 1) -> list:
     local = [f.__qualname__ for f, _, _ in calls if f.__module__ == "__main__"]
     if local: raise SlmopsError(f"side_by_side: {local} are defined in __main__ (a notebook or a script), which a new process does not "
                                 "have: pass the function from its module (import it).")
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _one_process_threads, (threads,))
-    try: results = [job.result() for job in [pool.submit(f, *a, **kw) for f, a, kw in calls]]
+    ctx = multiprocessing.get_context("spawn")
+    shared = (ctx.Value("i", len(calls)), torch.get_num_threads(), workers) if grow else ()
+    pool = ProcessPoolExecutor(workers, ctx, _one_process_threads, (threads, *shared))
+    try: results = [job.result() for job in [pool.submit(_pool_call, f, a, kw) for f, a, kw in calls]]
     except BaseException:  # an error or an interrupt: stop the others too (Python 3.14 names this terminate_workers)
         for p in (getattr(pool, "_processes", None) or {}).values(): p.terminate()
         pool.shutdown(wait=False, cancel_futures=True)

@@ -196,8 +196,9 @@ def build_workbench(root=None, task: Task | None = None, names=tuple(MODEL_SPECS
     from slmops_nb import models  # by module: the processes import what they run
     with Timer() as t:
         paths = {"tokenizer": build_tokenizer(root)}  # first: every model needs it
+        # grow: the teacher, left alone, takes the core the base frees (same answers; weights equal up to float rounding)
         side_by_side([(models.workbench_path, (n, root, task), {}) for n in names
-                      if not is_cached(f"model-{n}", task_spec(n, task), root)])
+                      if not is_cached(f"model-{n}", task_spec(n, task), root)], grow=True)
         paths |= {n: workbench_path(n, root, task) for n in names}
     return {"seconds": t.seconds, **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]} for n, p in paths.items()}}
 

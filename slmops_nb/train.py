@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .core import SlmopsError, progress_bar, widget_progress
+from .core import SlmopsError, pool_threads, progress_bar, widget_progress
 from .data import DataError, Task, chat_text
 from .measure import Timer
 
 # %% auto #0
 __all__ = ['FLAT_MAX_TOKENS', 'encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'FlatCollator', 'EpochLogger',
-           'StepBar', 'overfitting_points', 'OverfittingWarning', 'training_defaults', 'run_trainer', 'train_causal_lm',
-           'class_weights', 'weighted_examples', 'WeightedLossTrainer']
+           'StepBar', 'PoolThreads', 'overfitting_points', 'OverfittingWarning', 'training_defaults', 'run_trainer',
+           'train_causal_lm', 'class_weights', 'weighted_examples', 'WeightedLossTrainer']
 
 # %% ../nbs/00e_train.ipynb #c005
 def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> list[dict]:
@@ -113,6 +113,12 @@ class StepBar(TrainerCallback):
         if self.bar is not None and "loss" in (logs or {}): self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
     def on_train_end(self, args, state, control, **kw): self.bar.close()
 
+# %% ../nbs/00e_train.ipynb #c015d
+class PoolThreads(TrainerCallback):
+    "At every step, run on the threads this process may use now (`pool_threads`: more once the other calls of its pool are done)."
+    def on_step_end(self, args, state, control, **kw):
+        if (n := pool_threads()) != torch.get_num_threads(): torch.set_num_threads(n)
+
 # %% ../nbs/00e_train.ipynb #c017
 def overfitting_points(log_history: list[dict]) -> list[dict]:
     "Evaluations where the validation loss rose while the mean training loss since the last evaluation fell."
@@ -146,8 +152,8 @@ def training_defaults() -> dict:
 
 # %% ../nbs/00e_train.ipynb #c023
 def run_trainer(trainer, name: str = "train") -> dict:
-    "Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab); returns the seconds and the loss history."
-    trainer.add_callback(EpochLogger(name))
+    "Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab), taking the threads a pool frees (`PoolThreads`); returns the seconds and the loss history."
+    trainer.add_callback(EpochLogger(name)); trainer.add_callback(PoolThreads())
     if widget_progress(): trainer.add_callback(StepBar(name))
     trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
     with Timer() as t: trainer.train()
