@@ -18,6 +18,7 @@ setup: $(STAMP)
 # cache, where a wheel built with AMX could wait.
 LLAMA_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' settings.ini)
 NO_AMX    := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_SDIST := $(VENV)/share/slmops_nb
 LLAMA_ENV := $(if $(filter x86_64,$(shell uname -m)),CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'")
 
 $(STAMP): setup.py settings.ini
@@ -25,7 +26,9 @@ $(STAMP): setup.py settings.ini
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first and pinned: unpinned, pip would fetch the newest CUDA build (several GB).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(LLAMA_ENV) $(BIN)/python -m pip install -q --no-cache-dir "$(LLAMA_PIN)"
+	# Its source release stays in the environment: llama.cpp's GGUF converter ships only there, and a run is offline.
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_PIN)" -d $(LLAMA_SDIST)
+	$(LLAMA_ENV) $(BIN)/python -m pip install -q --no-cache-dir $(LLAMA_SDIST)/llama_cpp_python-$(lastword $(subst ==, ,$(LLAMA_PIN))).tar.gz
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -29,10 +29,10 @@ from filelock import FileLock
 
 # %% auto #0
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
-           'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'project_root', 'runs_root',
-           'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash', 'file_hash', 'is_cached',
-           'cached_artifact', 'artifact_info', 'seed_everything', 'pool_threads', 'side_by_side', 'package_versions',
-           'env_report', 'quiet', 'widget_progress', 'progress_bar']
+           'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'warn_chapter',
+           'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash',
+           'file_hash', 'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'pool_threads',
+           'side_by_side', 'package_versions', 'env_report', 'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -138,6 +138,15 @@ def write_metrics(out_dir, metrics: dict, merge: bool = True) -> dict:
     current.update(to_jsonable(metrics))
     write_json(path, current)
     return current
+
+# %% ../nbs/00_core.ipynb #c027b
+def warn_chapter(out_dir, warning: str) -> list[str]:
+    "Add `warning` (once) to the `warnings` of `out_dir/metrics.json`: the chapter's status becomes `warning`; all its warnings."
+    path = Path(out_dir)/"metrics.json"
+    warnings = (read_json(path) if path.exists() else {}).get("warnings", [])
+    if warning not in warnings: warnings = [*warnings, warning]
+    print(f"warning: {warning}", flush=True)
+    return write_metrics(out_dir, {"warnings": warnings})["warnings"]
 
 # %% ../nbs/00_core.ipynb #c029
 def project_root(start=None) -> Path | None:

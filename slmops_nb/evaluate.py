@@ -19,7 +19,8 @@ from .measure import Timer, latency_stats, model_size
 # %% auto #0
 __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy',
            'label_scores', 'class_report', 'answer_loss', 'generation_scores', 'task_answer', 'task_scores',
-           'answer_budget', 'task_predictions', 'evaluate_task', 'next_token_logits', 'logit_gap']
+           'chance_level', 'learning_warning', 'answer_budget', 'task_predictions', 'evaluate_task',
+           'next_token_logits', 'logit_gap']
 
 # %% ../nbs/00f_evaluate.ipynb #c005
 @torch.no_grad()
@@ -135,6 +136,27 @@ def task_scores(task: Task, predictions: list[str], references: list[str], repor
     if task.kind == "generation": return generation_scores(predictions, references)
     return {**label_scores(predictions, references, task.classes),
             **(class_report(predictions, references, task.classes) if report else {})}
+
+# %% ../nbs/00f_evaluate.ipynb #e022b
+def chance_level(task: Task, records: list[dict]) -> float:
+    "What a model that learned nothing scores on `records`: the commonest label's share (a classifier); 0 for a generator."
+    if task.kind != "classification": return 0.0
+    answers = [task.answer(r) for r in records]
+    return max(map(answers.count, set(answers))) / len(answers)
+
+def learning_warning(task: Task, records: list[dict], scores: dict, teacher: float | None = None,
+                     predictions: dict | None = None) -> str | None:
+    "A warning when every model of `scores` ({name: the task's metric on `records`}) is at chance or below, and the `teacher` above; else None."
+    chance = chance_level(task, records)
+    if not scores or max(scores.values()) > chance or (teacher is not None and teacher <= chance): return None
+    said = (f"every model ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())}) scores at chance ({chance:.3f}) or below"
+            + (f" while the teacher scores {teacher:.3f}" if teacher is not None else ""))
+    answers = [a for pred in (predictions or {}).values() for a in pred]
+    if task.kind == "classification" and answers:
+        said += (f"; {sum(a not in task.classes for a in answers) / len(answers):.0%} of their answers are no label: they never "
+                 "learned to write the labels (too few steps for labels of many tokens, or a tokenizer that does not read the "
+                 "task's script)")
+    return said + ". Give them more steps (epochs) or a base that reads the task's language."
 
 # %% ../nbs/00f_evaluate.ipynb #e024
 def answer_budget(tokenizer, task: Task, limit: int = 256) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -29,13 +28,13 @@ from .tools import ToolError, olive_run_config, olive_run_configs, olive_workflo
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'TOKENIZER_FILES', 'DECODE_DIMS', 'SESSION_THREADS', 'finetuned_models',
-           'check_int4', 'builder_architectures', 'check_exportable', 'olive_build', 'olive_optimize',
-           'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config', 'build_direct',
-           'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input', 'quantize_genai',
-           'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier', 'frontier_plot',
-           'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow', 'tune_session_params',
-           'with_session_options']
+__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAMA_SDIST_DIR', 'TOKENIZER_FILES', 'DECODE_DIMS', 'SESSION_THREADS',
+           'finetuned_models', 'check_int4', 'builder_architectures', 'check_exportable', 'olive_build',
+           'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config',
+           'build_direct', 'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input',
+           'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier',
+           'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow',
+           'tune_session_params', 'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
@@ -332,25 +331,27 @@ def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: fl
     return fig
 
 # %% ../nbs/04_deployment.ipynb #lc01
+LLAMA_SDIST_DIR = Path(sys.prefix)/"share"/"slmops_nb"  # make setup keeps llama-cpp-python's source release here
+
 def llama_cpp_sources() -> Path:
-    "llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`) from the source release of the installed llama-cpp-python, fetched once into the cache."
+    "llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`), unpacked once into the cache from the source release of the installed llama-cpp-python that set-up keeps in `LLAMA_SDIST_DIR`."
     from importlib.metadata import PackageNotFoundError, version
     try: v = version("llama_cpp_python")
     except PackageNotFoundError as e: raise SlmopsError("llama.cpp needs the llama extra: pip install 'slmops_nb[llama]'.") from e
     dest = cache_root()/f"llama.cpp-{v}"
     if (dest/"convert_hf_to_gguf.py").exists(): return dest
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={v}",
-                            "-d", tmp], capture_output=True, text=True)
-        if r.returncode: raise SlmopsError(f"Could not fetch llama-cpp-python {v}'s source release from the package registry "
-                                           f"(its converter is only there):\n{r.stderr[-1500:]}")
-        keep = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|conversion/|gguf-py/)")
-        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as sdist, atomic_dir(dest) as out:
-            for m in sdist.getmembers():
-                if m.isfile() and keep.match(m.name):
-                    target = out/m.name.split("/vendor/llama.cpp/", 1)[1]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(sdist.extractfile(m).read())
+    sdist = next(iter(sorted(LLAMA_SDIST_DIR.glob(f"llama[-_]cpp[-_]python-{v}.tar.gz"))), None)
+    if sdist is None:  # never fetched at run time: a run is offline
+        raise SlmopsError(f"llama.cpp's converter ships only in llama-cpp-python {v}'s source release, which is not in {LLAMA_SDIST_DIR}. "
+                          f"make setup puts it there; or, while online: pip download --no-deps --no-binary :all: "
+                          f"llama-cpp-python=={v} -d {LLAMA_SDIST_DIR}")
+    keep = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|conversion/|gguf-py/)")
+    with tarfile.open(sdist) as src, atomic_dir(dest) as out:
+        for m in src.getmembers():
+            if m.isfile() and keep.match(m.name):
+                target = out/m.name.split("/vendor/llama.cpp/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(src.extractfile(m).read())
     return dest
 
 # %% ../nbs/04_deployment.ipynb #lc02

@@ -14,17 +14,19 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from .core import SlmopsError, artifact_info, cached_artifact, file_hash, is_cached, seed_everything, side_by_side, write_json
+from .core import (SlmopsError, artifact_info, cached_artifact, content_hash, file_hash, is_cached, seed_everything,
+    side_by_side, write_json)
 from .measure import Timer
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, instruction_split, stop_token_ids, tone_split, workbench_records
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER', 'TASK_BASE',
-           'STUDENT_ARCH', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts',
-           'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model',
-           'model_spec', 'new_model', 'task_texts', 'task_fingerprint', 'task_spec', 'workbench_path',
-           'build_workbench', 'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
+           'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH',
+           'TINY_FAMILIES', 'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec',
+           'build_tokenizer', 'save_model', 'model_spec', 'new_model', 'task_texts', 'task_corpus', 'task_fingerprint',
+           'tokens_per_char', 'reads_task', 'task_spec', 'workbench_path', 'build_workbench', 'resolve_model',
+           'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -74,20 +76,25 @@ def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], min_
     return tok
 
 # %% ../nbs/00d_models.ipynb #c016
-def _build_tokenizer(out: Path, spec: dict):
-    tok = train_bpe(tokenizer_corpus(), spec["vocab_size"], SPECIAL_TOKENS, spec["min_frequency"])
+def _build_tokenizer(out: Path, spec: dict, task: Task | None = None):
+    corpus = tokenizer_corpus() + (task_corpus(task) * spec.get("task_weight", 0) if task is not None else [])
+    tok = train_bpe(corpus, spec["vocab_size"], SPECIAL_TOKENS, spec["min_frequency"])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|end|>",
                                  pad_token="<|pad|>", chat_template=CHAT_TEMPLATE, padding_side="left",
                                  model_max_length=256)
     hf.save_pretrained(out)
 
-def tokenizer_spec() -> dict:
-    return {"version": WORKBENCH_VERSION, "tokenizer": TOKENIZER_SPEC, "data": _data_fingerprint()}
+def tokenizer_spec(task: Task | None = None) -> dict:
+    "What builds the workbench tokenizer, or with `task` the one that learns the task's texts too."
+    if task is None: return {"version": WORKBENCH_VERSION, "tokenizer": TOKENIZER_SPEC, "data": _data_fingerprint()}
+    return {"version": WORKBENCH_VERSION, "tokenizer": TASK_TOKENIZER, "data": _data_fingerprint(), "task": task_fingerprint(task)}
 
 # %% ../nbs/00d_models.ipynb #c017
-def build_tokenizer(root=None) -> Path:
-    "The workbench tokenizer folder (built once, then cached under `root`, default the cache root)."
-    return cached_artifact("tokenizer", tokenizer_spec(), lambda out: _build_tokenizer(out, TOKENIZER_SPEC), root)
+def build_tokenizer(root=None, task: Task | None = None) -> Path:
+    "The workbench tokenizer folder, or the one `task` needs (`reads_task`): built once, then cached under `root` (default the cache root)."
+    own = task if task is not None and not task.builtin and reads_task(task, root)["own_tokenizer"] else None
+    spec = tokenizer_spec(own)
+    return cached_artifact("tokenizer", spec, lambda out: _build_tokenizer(out, spec["tokenizer"], own), root)
 
 # %% ../nbs/00d_models.ipynb #c025
 def save_model(model, tokenizer, out: Path):
@@ -137,11 +144,17 @@ def task_texts(task: Task) -> list[str]:
     "What the base reads of a task, so that its pretraining text follows the task: the prompts of its unlabeled pool, no answers."
     return [task.prompt(r) for r in task.unlabeled()]
 
+def task_corpus(task: Task) -> list[str]:
+    "A task's texts as its models see them: its training chats (prompt and answer) and the prompts of its unlabeled pool."
+    return [_render_chat(task.prompt(r), task.answer(r)) for r in task.splits()["train"]] + task_texts(task)
+
 def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data  # a task's base: the base, reading on
+def _fresh_base(data) -> bool: return isinstance(data, dict) and "reads" in data  # a task's base on a tokenizer of its own
 
 def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: int = 0):
     from slmops_nb.train import encode_texts, task_examples
     if data == "base": return encode_texts(tokenizer, base_texts(), max_length), None
+    if _fresh_base(data): return encode_texts(tokenizer, base_texts() + task_texts(task), max_length), None
     if _continued(data):  # the task's texts and as many of the base's own (it keeps the chat format it knows)
         texts = task_texts(task)
         own = random.Random(0).sample(base_texts(), min(len(texts), len(base_texts())))
@@ -154,13 +167,14 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     from slmops_nb.train import train_causal_lm  # here: the Trainer takes seconds to import, and what only loads models needs none
-    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root))  # saved with left padding and its pad token
+    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root, task))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
     if _continued(data):
         model, tr = AutoModelForCausalLM.from_pretrained(workbench_path("base", root)), data["continued"]
     else: model = new_model(tokenizer, spec["arch"], spec["seed"])
     train, valid = _training_data(data, tokenizer, tr["max_length"], task, spec.get("knows", 0))
-    task_teacher = isinstance(data, dict) and not _continued(data)  # TASK_TEACHER: many epochs over few examples, stopped early
+    # TASK_TEACHER: many epochs over few examples, stopped early
+    task_teacher = isinstance(data, dict) and not _continued(data) and not _fresh_base(data)
     if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
     else: epochs = max(tr["epochs"], math.ceil(data["max_steps"] * tr["batch_size"] / len(train))) if task_teacher else tr["epochs"]
     with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:  # early stopping keeps its best epoch there
@@ -177,17 +191,40 @@ def task_fingerprint(task: Task) -> dict:
     files = {k: file_hash(v) for k, v in d.items() if k.endswith("_file") and v and Path(v).is_file()}
     return {**{k: Path(v).name if k in files else v for k, v in d.items()}, "files": files, "seed": task.seed}
 
+# %% ../nbs/00d_models.ipynb #m004
+OWN_TOKENIZER_RATIO = 2.0  # a task whose texts take more than twice the workbench's own tokens a character gets a tokenizer of its own
+TASK_TOKENIZER = {"vocab_size": 4096, "min_frequency": 2, "task_weight": 3}  # the task's texts counted 3 times beside the workbench's
+
+def tokens_per_char(tokenizer, texts: list[str]) -> float:
+    "Tokens a character of `texts` under `tokenizer`: how well it reads their language."
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return sum(map(len, ids)) / max(1, sum(map(len, texts)))
+
+# %% ../nbs/00d_models.ipynb #m005
+_READS = {}  # reads_task's answers in this process, by the task's fingerprint
+
+def reads_task(task: Task, root=None) -> dict:
+    "How the workbench tokenizer reads `task`: its tokens a character on the task's texts and on its own corpus, and whether the task needs a tokenizer of its own."
+    key = content_hash([task_fingerprint(task), str(root)])
+    if key not in _READS:
+        tok = AutoTokenizer.from_pretrained(build_tokenizer(root))
+        rate, own = tokens_per_char(tok, task_corpus(task)), tokens_per_char(tok, tokenizer_corpus())
+        _READS[key] = {"tokens_per_char": rate, "workbench_tokens_per_char": own, "own_tokenizer": rate > OWN_TOKENIZER_RATIO * own}
+    return _READS[key]
+
 # %% ../nbs/00d_models.ipynb #c035
-def task_spec(name: str, task: Task | None = None) -> dict:
-    "What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its texts."
+def task_spec(name: str, task: Task | None = None, root=None) -> dict:
+    "What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its texts (or, on a tokenizer of the task's own, learns from nothing with them)."
     spec = model_spec(name)
     if task is None or task.builtin: return spec
+    own = reads_task(task, root)["own_tokenizer"]
+    spec |= {"tokenizer": tokenizer_spec(task if own else None)}
     if name == "teacher": return {**spec, "data": {"task": task_fingerprint(task), **TASK_TEACHER}}
-    return {**spec, "data": {"task": task_fingerprint(task), "continued": TASK_BASE}}
+    return {**spec, "data": {"task": task_fingerprint(task), **({"reads": "base"} if own else {"continued": TASK_BASE})}}
 
 def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
     "Folder of workbench model `name` (`base`, `teacher`) for `task` (default the tones), built on first use and cached under `root`."
-    spec = task_spec(name, task)
+    spec = task_spec(name, task, root)
     return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root, task), root)
 
 # %% ../nbs/00d_models.ipynb #c036
@@ -195,10 +232,10 @@ def build_workbench(root=None, task: Task | None = None, names=tuple(MODEL_SPECS
     "Build (or load from the cache under `root`) the workbench tokenizer and models `names` for `task`, the models not built yet `side_by_side`; folder and build seconds of each."
     from slmops_nb import models  # by module: the processes import what they run
     with Timer() as t:
-        paths = {"tokenizer": build_tokenizer(root)}  # first: every model needs it
+        paths = {"tokenizer": build_tokenizer(root, task)}  # first: every model needs it
         # grow: the teacher, left alone, takes the core the base frees (same answers; weights equal up to float rounding)
         side_by_side([(models.workbench_path, (n, root, task), {}) for n in names
-                      if not is_cached(f"model-{n}", task_spec(n, task), root)], grow=True)
+                      if not is_cached(f"model-{n}", task_spec(n, task, root), root)], grow=True)
         paths |= {n: workbench_path(n, root, task) for n in names}
     return {"seconds": t.seconds, **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]} for n, p in paths.items()}}
 

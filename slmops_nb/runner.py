@@ -220,9 +220,10 @@ def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progre
     err = outcome.get("error")
     if err is not None and not isinstance(err, pm.PapermillExecutionError): raise err
     metrics_file = chapter_out/"metrics.json"
-    return {"chapter": src.stem, "status": "failed" if err else "ok", "seconds": round(t.seconds, 1),
-            "notebook": str(executed), "error": _failure_message(src.stem, executed, err) if err else None,
-            "metrics": read_json(metrics_file) if metrics_file.exists() else {},
+    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    return {"chapter": src.stem, "status": "failed" if err else "warning" if metrics.get("warnings") else "ok",
+            "seconds": round(t.seconds, 1), "notebook": str(executed),
+            "error": _failure_message(src.stem, executed, err) if err else None, "metrics": metrics,
             "plots": sorted(str(p.relative_to(chapter_out.parent)) for p in chapter_out.glob("*.png"))}
 
 # %% ../nbs/00l_runner.ipynb #r043
@@ -254,6 +255,7 @@ def render_report(summary: dict) -> str:
     for c in summary["chapters"]:
         lines += ["", f"## {c['chapter']}", ""]
         if c["error"]: lines += ["```", c["error"], "```", ""]
+        if c["metrics"].get("warnings"): lines += [f"- **warning**: {w}" for w in c["metrics"]["warnings"]] + [""]
         flat = flatten(c["metrics"])
         if flat: lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in c["plots"]]
@@ -316,6 +318,7 @@ def run_workbook(chapters: list[str] | None = None, profile: str = "default", ou
         if not res["error"]: res["tracking"] = track(run/src.stem, src, profile, per_chapter[src.stem])
         summary["chapters"].append(res)
         print(f"[{i}/{len(paths)}] {src.stem}: {res['status']} in {res['seconds']:.1f} s", flush=True)
+        for w in res["metrics"].get("warnings", []): print(f"    warning: {w}", flush=True)
         write_summary(run, summary)
         if res["error"]: raise ChapterFailed(res["error"])
     return summary

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from openai import OpenAI
 
+from conftest import NETWORK_CUT, slmops
 from slmops_nb.core import artifact_info, read_json
 from slmops_nb.data import Task
 from slmops_nb.models import TASK_TEACHER, resolve_model, task_model
@@ -19,11 +21,23 @@ from slmops_nb.serve import ServerProcess
 from slmops_nb.runner import list_chapters, notebooks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-SLMOPS = str(Path(sys.executable).parent/"slmops")
 
 
-def slmops(*args, **kw):
-    return subprocess.run([SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=kw.pop("cwd", ROOT), **kw)
+REACH = """
+import socket
+server = socket.create_server(("127.0.0.1", 0))
+socket.create_connection(server.getsockname(), timeout=5).close()  # loopback works: chapter 05 serves its models there
+try: socket.create_connection(("pypi.org", 443), timeout=5); print("reached pypi.org")
+except OSError as e: print("no network:", type(e).__name__)
+"""
+
+
+def test_the_tests_runs_have_loopback_only():
+    "As root (CI), every `slmops` run of these tests is in a network namespace of its own: a registry or hub call fails its test."
+    assert NETWORK_CUT or os.geteuid() != 0, "as root the runs must be cut off: unshare -n and ip (iproute2) are needed"
+    r = subprocess.run([*NETWORK_CUT, sys.executable, "-c", REACH], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("no network:") if NETWORK_CUT else r.stdout, r.stdout
 
 
 def test_list_shows_chapters_and_parameters():

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import NETWORK_CUT
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -12,8 +14,8 @@ def test_nbdev_test_passes(tmp_path):
     "Every library notebook runs top to bottom (its cells are the module's unit tests)."
     env = {**os.environ, "SLMOPS_RUNS_ROOT": str(tmp_path/"runs")}
     # Chapters (01_ ... 09_) are left out here: nbdev_test would run them in the default profile, and the
-    # whole-workbook smoke run (test_cli) already executes every one of their cells under papermill.
-    r = subprocess.run([BIN/"nbdev_test", "--n_workers", "1", "--skip_file_re", "^([_.]|0[1-9]_)"], cwd=ROOT, env=env,
+    # whole-workbook smoke run (test_cli) already executes every one of their cells under papermill. Offline, as they run.
+    r = subprocess.run([*NETWORK_CUT, BIN/"nbdev_test", "--n_workers", "1", "--skip_file_re", "^([_.]|0[1-9]_)"], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 

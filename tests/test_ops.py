@@ -2,8 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -11,6 +9,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import slmops
 from slmops_nb.data import TONES, Task
 from slmops_nb.export import build_direct
 from slmops_nb.monitor import served
@@ -18,12 +17,6 @@ from slmops_nb.operate import wait_for_challenger
 from slmops_nb.registry import aliased, mlflow_client, register_model, set_alias, tracking_uri
 from slmops_nb.runtimes import GenAIModel, throughput_copy
 from slmops_nb.serve import RequestLog, ServerProcess, read_request_log
-
-SLMOPS = str(Path(sys.executable).parent/"slmops")
-
-
-def slmops(*args, **kw):
-    return subprocess.run([SLMOPS, *map(str, args)], capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")

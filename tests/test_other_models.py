@@ -1,13 +1,12 @@
 """Models of other architectures and chat formats (Qwen2 with ChatML, Phi-3, Gemma) through the whole path: stop tokens,
 fine-tuning, merging, conversion, Foundry Local, serving."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 from transformers import GenerationConfig
 
+from conftest import slmops
 from slmops_nb.core import SlmopsError, read_json
 from slmops_nb.data import TONES, Task, stop_token_ids, tone_split
 from slmops_nb.export import build_direct, exportable_adapter, olive_build
@@ -18,7 +17,6 @@ from slmops_nb.serve import ServerProcess
 from slmops_nb.models import TINY_FAMILIES, load_model, load_tokenizer, save_model, tiny_model
 from slmops_nb.evaluate import logit_gap, next_token_logits
 
-SLMOPS = str(Path(sys.executable).parent/"slmops")
 
 
 def teach_the_chat(model_dir, out: Path) -> tuple[dict, list[dict]]:
@@ -87,13 +85,13 @@ def test_conversion_is_checked_on_logits_not_on_near_tie_answers(qwen_dir, chatm
 
 
 def test_slmops_export_then_serve_refuses_and_explains(qwen_dir, tmp_path):
-    r = subprocess.run([SLMOPS, "serve", tmp_path/"no-such-folder"], capture_output=True, text=True)
+    r = slmops("serve", tmp_path/"no-such-folder")
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = subprocess.run([SLMOPS, "serve", qwen_dir], capture_output=True, text=True)
+    r = slmops("serve", qwen_dir)
     assert r.returncode == 2 and f"is a Hugging Face model folder, not an ONNX Runtime GenAI model folder" in r.stderr, r.stderr
     assert f"slmops export {qwen_dir} OUT_FOLDER --precision int4" in r.stderr
     out = tmp_path/"qwen-int4"
-    r = subprocess.run([SLMOPS, "export", qwen_dir, out, "--precision", "int4", "--tool", "builder"], capture_output=True, text=True)
+    r = slmops("export", qwen_dir, out, "--precision", "int4", "--tool", "builder")
     assert r.returncode == 0 and f"serve it: slmops serve {out}" in r.stdout, r.stdout + r.stderr[-2000:]
     assert GenAIModel(out).chat([{"role": "user", "content": "hi"}], 4) is not None
 
