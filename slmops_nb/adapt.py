@@ -25,10 +25,11 @@ ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PE
 
 # %% ../nbs/00ea_adapt.ipynb #d011
 def lora_targets(model) -> list[str]:
-    "LoRA's target modules for a model (or a model's name or folder): the names of all its linear layers."
+    "LoRA's target modules for a model (or a model's name or folder): the names of its linear layers, the output layer unless tied."
     if isinstance(model, (str, Path)):
         with torch.device("meta"): model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    tied = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not tied})
 
 # %% ../nbs/00ea_adapt.ipynb #t042
 def check_lora(r: int, alpha: float, dropout: float = 0.0):

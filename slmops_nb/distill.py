@@ -195,7 +195,7 @@ def answer_logits(teacher, tokenizer, examples: list[dict], batch_size: int = 64
             logits += [row[:-1][y[1:] != -100].float().cpu() for row, y in zip(out, batch["labels"])]
     return logits
 
-def save_answer_logits(teacher, tokenizer, records: list[dict], path, *, task: Task | None = None, max_length: int = 96,
+def save_answer_logits(teacher, tokenizer, records: list[dict], path, *, task: Task | None = None, max_length: int = 0,
                        max_gib: float = 1.0) -> Path | None:
     "`answer_logits` of `records` as `train_student` encodes them, written to `path` for the logit-KD students; None (nothing written) when they would take more than `max_gib`."
     examples = task_examples(tokenizer, task or Task(), records, max_length)
@@ -222,8 +222,8 @@ def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
 
 def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None, teacher_logits=None,
                   alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 32,
-                  seed: int = 0, max_length: int = 96, task: Task | None = None, **training_args) -> dict:
-    "Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records."
+                  seed: int = 0, max_length: int = 0, task: Task | None = None, **training_args) -> dict:
+    "Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records; `max_length` 0: no answer cut, however long."
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
     if steps < 1: raise SlmopsError(f"steps must be at least 1, got {steps}.")
     examples = task_examples(tokenizer, task or Task(), records, max_length)

@@ -44,6 +44,24 @@ def test_one_row_batches_train_as_padded_ones(family, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-6), family
 
 
+def test_a_tied_model_is_adapted_and_merged_without_touching_its_embeddings(tmp_path):
+    """A model whose output layer is its input embedding (SmolLM2, Qwen2.5-0.5B): LoRA leaves the shared matrix alone, so the
+    merged model computes the adapted model's logits and keeps the base's embeddings."""
+    import torch
+    base = tiny_model(tmp_path/"tied", "qwen2", tie_word_embeddings=True)
+    tok = load_tokenizer(base)
+    assert "lm_head" not in lora_targets(base) and "lm_head" in lora_targets(tiny_model(tmp_path/"untied", "qwen2"))
+    ex = task_examples(tok, Task(), tone_split("train")[:32])
+    finetune("lora", base, tok, ex, ex[:8], tmp_path/"lora", max_steps=4, lr=5e-2, batch_size=8, dropout=0.0)
+    prompts = [r["phrase"] for r in tone_split("test")[:4]]
+    adapted = next_token_logits(load_adapters(base, {"lora": tmp_path/"lora"/"model"}), tok, prompts)
+    merged = merge_adapter(base, tmp_path/"lora"/"model", tok, tmp_path/"merged")
+    assert logit_gap(adapted, next_token_logits(merged, tok, prompts), "the merged tied model")["relative"] < 1e-3
+    assert logit_gap(next_token_logits(load_model(base), tok, prompts), adapted, tolerance=float("inf"))["relative"] > 1e-3  # it learned
+    assert torch.equal(merged.get_input_embeddings().weight, load_model(base).get_input_embeddings().weight)
+    assert load_model(tmp_path/"merged").config.tie_word_embeddings
+
+
 @pytest.fixture(scope="module")
 def chatml_deployed(qwen_dir, tmp_path_factory):
     "The tiny ChatML model taught to answer a tone and end its turn, saved with save_model and converted to fp32."
