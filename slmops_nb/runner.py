@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from .core import SlmopsError, atomic_write_text, check_profile, env_report, new_run_dir, read_json, to_jsonable, write_json
+from .core import (SlmopsError, atomic_write_text, check_profile, env_report, new_run_dir, read_json, to_jsonable,
+    write_json, write_metrics)
 from .data import TASK_FIELDS, Task, task_from_params
 from .measure import Timer
 
@@ -193,6 +194,8 @@ def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progre
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
     chapter_out.mkdir(parents=True, exist_ok=True)
+    if (chapter_out/"metrics.json").exists():  # a re-run into the same folder: an earlier run's warnings are not this one's
+        write_metrics(chapter_out, {k: v for k, v in read_json(chapter_out/"metrics.json").items() if k != "warnings"}, merge=False)
     sockets = Path(jupyter_runtime_dir())/f"slmops-{os.getpid()}-{src.stem}"
     sockets.parent.mkdir(parents=True, exist_ok=True)
     km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))  # IPC, not TCP: only this user reaches it
