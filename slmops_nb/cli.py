@@ -94,7 +94,7 @@ def cmd_workbench(a) -> int:
     arg("--seed", type=int, default=0))
 def cmd_finetune(a) -> int:
     from slmops_nb.data import task_from_params
-    from slmops_nb.finetune import finetune_task
+    from slmops_nb.finetuning import finetune_task
     task = task_from_params(a.task, a.seed, train_file=a.train, validation_file=a.validation, input_column=a.input_column,
                             label_column=a.label_column)
     res = finetune_task(a.method, a.base, task, a.out, limit=a.limit, max_length=a.max_length, epochs=a.epochs,
@@ -113,7 +113,7 @@ def cmd_finetune(a) -> int:
     arg("--asymmetric", action="store_true", help="int4 with zero points"),
     arg("--tool", default="olive", help="olive (Olive's ModelBuilder pass) or builder (the builder alone)"))
 def cmd_export(a) -> int:
-    from slmops_nb.export import export_model
+    from slmops_nb.deployment import export_model
     from slmops_nb.measure import Timer, dir_size
     with Timer() as t: out = export_model(a.model, a.out, a.precision, a.block_size, not a.asymmetric, a.tool)
     print(f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}")
@@ -144,9 +144,9 @@ def cmd_export(a) -> int:
     arg("--log-prompts", action="store_true", help="also log the prompt's text, redacted (off by default: privacy first)"))
 def cmd_serve(a) -> int:
     from slmops_nb.data import load_task
-    from slmops_nb.serve import serve
+    from slmops_nb.serve import run_server
     labels = load_task(a.task).classes if a.task else None
-    serve(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
+    run_server(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
           a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
           min_agreement=a.min_agreement, labels=labels, constrain_labels=a.constrain_labels)
     return 0
@@ -177,9 +177,9 @@ def cmd_bench(a) -> int:
     arg("--out", default=None, help="the folder for monitor.json, monitor.md and monitor.png (default: beside the log)"))
 def cmd_monitor(a) -> int:
     from slmops_nb.data import load_task, Task
-    from slmops_nb.monitor import monitor
+    from slmops_nb.monitor import monitor_log
     out = Path(a.out) if a.out else Path(a.log).with_name(Path(a.log).stem + ".monitor")
-    report = monitor(a.log, load_task(a.task) if a.task else Task.named("tones"), a.window, a.slo_ms, out)
+    report = monitor_log(a.log, load_task(a.task) if a.task else Task.named("tones"), a.window, a.slo_ms, out)
     judged = list(enumerate(report["windows"]))[-a.last if a.last else 0:]
     for i, w in judged:
         print(f"window {i}: {w['requests']} requests, " + ("; ".join(w["alarms"]) if w["alarms"] else "no alarm"))

@@ -20,7 +20,7 @@ from .serve import ROLES_SERVED, read_request_log
 
 # %% auto #0
 __all__ = ['LIMITS', 'PLOTTED', 'words', 'baseline', 'psi', 'length_bins', 'binned', 'vocabulary_drift', 'label_drift',
-           'calibrate', 'confidence_floor', 'served', 'judge_window', 'windows', 'monitor', 'write_report',
+           'calibrate', 'confidence_floor', 'served', 'judge_window', 'windows', 'monitor_log', 'write_report',
            'live_figures', 'promotion_gate']
 
 # %% ../nbs/00o_monitor.ipynb #o005
@@ -120,7 +120,7 @@ def windows(records: list[dict], size: int) -> list[list[dict]]:
     s = served(records)
     return [s[i:i + size] for i in range(0, len(s) - size + 1, size)]
 
-def monitor(log, task: Task, window: int = 100, slo_ms: float | None = None, out=None, limits: dict | None = None) -> dict:
+def monitor_log(log, task: Task, window: int = 100, slo_ms: float | None = None, out=None, limits: dict | None = None) -> dict:
     "Judge each window of the request log `log` against `task`'s baseline; the report (JSON, Markdown, plot) in `out` when given."
     base = baseline(task)
     cut, limits = windows(read_request_log(log), window), LIMITS | (limits or {})

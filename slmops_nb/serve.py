@@ -6,7 +6,7 @@
 __all__ = ['ROLES', 'SECONDS', 'SHARES', 'ROLES_SERVED', 'RequestError', 'json_guidance', 'label_guidance', 'response_guidance',
            'answer_schema', 'json_budget', 'task_guidance', 'follows', 'parse_chat_request', 'ServerMetrics',
            'redact_pii', 'RequestLog', 'read_request_log', 'user_share', 'check_rollout', 'Rollout', 'create_app',
-           'serve', 'free_port', 'ServerProcess', 'load_test']
+           'run_server', 'free_port', 'ServerProcess', 'load_test']
 
 # %% ../nbs/00i_serve.ipynb #c002
 import hashlib
@@ -465,7 +465,7 @@ def _sse(pieces, max_tokens: int, cid: str, created: int, model_id: str, done=No
         if done: done(status, sent, error)
 
 # %% ../nbs/00i_serve.ipynb #c016
-def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_id: str | None = None,
+def run_server(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_id: str | None = None,
           runtime: str = "genai", registry=None, challenger=None, request_log=None, log_prompts: bool = False, foundry_home=None,
           constrain_labels: bool = False, **rollout):
     "Serve `model` (a folder, or `models:/NAME@ALIAS` in `registry`) on http://HOST:PORT/v1 until interrupted; a `challenger` beside it; `constrain_labels`: every answer one of `labels`."

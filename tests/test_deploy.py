@@ -11,9 +11,9 @@ from openai import OpenAI
 from slmops_nb.artifacts import record_artifact
 from slmops_nb.core import SlmopsError, read_json, write_json
 from slmops_nb.data import Task, tone_split
-from slmops_nb.export import (build_direct, builder_config, finetuned_models, olive_build, olive_int8)
+from slmops_nb.deployment import (build_direct, builder_config, finetuned_models, olive_build, olive_int8)
 from slmops_nb.runtimes import FoundryLocal, GenAIModel, foundry_model_folder
-from slmops_nb.distill import endpoint_answers, synthesize
+from slmops_nb.distillation import endpoint_answers, synthesize
 from slmops_nb.serve import RequestError, ServerProcess, load_test, parse_chat_request
 from slmops_nb.models import resolve_model
 
@@ -125,7 +125,7 @@ def test_conversion_inputs_are_checked(tmp_path):
 
 def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
     "Olive's RTN pass renames the logits output; quantize_genai points genai_config.json at it, so the folder runs."
-    from slmops_nb.export import fit_genai_outputs, frontier_passes, quantize_genai
+    from slmops_nb.deployment import fit_genai_outputs, frontier_passes, quantize_genai
     passes = frontier_passes(genai_dir, block_sizes=(32,))
     assert set(passes) == {"ort_int4_rtn_b32_sym", "ort_int4_rtn_b32_asym", "ort_int4_mixed", "ort_int4_hqq", "ort_int4_kquant"}
     assert passes["ort_int4_mixed"]["int8"]["nodes_to_include"] == ["/model/embed_tokens/Gather", "/lm_head/MatMul"]
@@ -146,7 +146,7 @@ def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
 
 def test_olive_session_tuning_times_each_thread_count(genai_dir, tmp_path):
     "Olive's OrtSessionParamsTuning on decode steps read off the graph: a latency per thread count, the fastest chosen, applied for GenAI."
-    from slmops_nb.export import tune_session_params, with_session_options
+    from slmops_nb.deployment import tune_session_params, with_session_options
     t = tune_session_params(genai_dir, tmp_path/"tuning", threads=(1, 2))
     assert [p["intra_op_num_threads"] for p in t["points"]] == [1, 2] and all(p["latency_ms"] > 0 for p in t["points"])
     assert t["chosen"]["intra_op_num_threads"] == min(t["points"], key=lambda p: p["latency_ms"])["intra_op_num_threads"]
@@ -163,7 +163,7 @@ def test_olive_session_tuning_times_each_thread_count(genai_dir, tmp_path):
 
 def test_llama_cpp_side_by_side_with_genai(genai_dir, tmp_path):
     "The workbench base to GGUF by llama.cpp's converter (its tokenizer taken as GPT-2's) and quantizer; slmops bench runs both runtimes in one run."
-    from slmops_nb.export import gguf_export
+    from slmops_nb.deployment import gguf_export
     from slmops_nb.runtimes import ChatModel, LlamaCppModel
     base = Path(resolve_model("workbench:base"))
     gguf = gguf_export(base, tmp_path, ("q4_0",))

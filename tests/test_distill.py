@@ -3,7 +3,7 @@ import torch
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import load_records, tone_split
-from slmops_nb.distill import (STUDENT, check_same_vocabulary, kd_loss, load_answer_logits, make_student, save_answer_logits, synthesize,
+from slmops_nb.distillation import (STUDENT, check_same_vocabulary, kd_loss, load_answer_logits, make_student, save_answer_logits, synthesize,
                                train_gkd, train_student, train_students, validate_answers)
 from slmops_nb.evaluate import generate_answers
 from slmops_nb.train import PadCollator, encode_chats

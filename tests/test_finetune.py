@@ -11,7 +11,7 @@ from slmops_nb.core import SlmopsError
 from slmops_nb.data import DataError, Task, tone_split, write_jsonl
 from slmops_nb.train import WeightedLossTrainer, class_weights, overfitting_points, task_examples, weighted_examples
 from slmops_nb.adapt import check_lora, finetune, prepare_model, trainable_parameters
-from slmops_nb.finetune import check_methods
+from slmops_nb.finetuning import check_methods
 from slmops_nb.train import PadCollator, encode_chats, training_defaults
 from slmops_nb.models import load_tokenizer
 

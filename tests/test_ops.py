@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import slmops
 from slmops_nb.data import TONES, Task
-from slmops_nb.export import build_direct
+from slmops_nb.deployment import build_direct
 from slmops_nb.monitor import served
-from slmops_nb.operate import wait_for_challenger
+from slmops_nb.operations import wait_for_challenger
 from slmops_nb.registry import aliased, mlflow_client, register_model, set_alias, tracking_uri
 from slmops_nb.runtimes import GenAIModel, throughput_copy
 from slmops_nb.serve import RequestLog, ServerProcess, read_request_log

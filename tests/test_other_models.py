@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 from conftest import slmops
 from slmops_nb.core import SlmopsError, read_json
 from slmops_nb.data import TONES, Task, stop_token_ids, tone_split
-from slmops_nb.export import build_direct, exportable_adapter, olive_build
+from slmops_nb.deployment import build_direct, exportable_adapter, olive_build
 from slmops_nb.runtimes import FoundryLocal, GenAIModel, TorchModel, foundry_model_folder
 from slmops_nb.train import FlatCollator, PadCollator, task_examples
 from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter

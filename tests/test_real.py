@@ -8,7 +8,7 @@ from openai import OpenAI
 from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.data import Task, tone_split
 from slmops_nb.evaluate import logit_gap, next_token_logits
-from slmops_nb.export import TOKENIZER_FILES, build_direct
+from slmops_nb.deployment import TOKENIZER_FILES, build_direct
 from slmops_nb.models import load_model, load_tokenizer, real_gguf, resolve_model
 from slmops_nb.runtimes import GenAIModel, LlamaCppModel, TorchModel
 from slmops_nb.serve import ServerProcess

@@ -251,9 +251,9 @@ def train_student_into(out, method: str, student: str, teacher, records: list[di
 def train_students(methods, student: str, teacher, gold: list[dict], synthetic: list[dict], out, *, steps: int, seed: int = 0,
                    device: str | None = None, **train_args) -> dict:
     "One fresh `student` per KD method, trained for `steps` `side_by_side` into `out/METHOD`: {method: {model, tokenizer, train_seconds, trainer, folder}}."
-    from slmops_nb import distill  # by module: the processes import what they run
+    from slmops_nb import distillation  # by module: the processes import what they run
     order = sorted(methods, key=lambda m: m != "logit_kd")
-    trained = side_by_side([(distill.train_student_into, (Path(out)/m, m, student, teacher, gold if m == "gold_only" else synthetic),
+    trained = side_by_side([(distillation.train_student_into, (Path(out)/m, m, student, teacher, gold if m == "gold_only" else synthetic),
                              dict(steps=steps, seed=seed, device=device, **train_args)) for m in order])
     done = dict(zip(order, trained))
     return {m: {**done[m], "model": load_model(done[m]["folder"], device=device), "tokenizer": load_tokenizer(done[m]["folder"])}

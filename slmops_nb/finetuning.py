@@ -113,7 +113,7 @@ def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: 
                     grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
                     max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
     "Every method on the same data and budget, trained `side_by_side` (`train_method`, Olive's first: the longest), then each scored here on the task's test split."
-    from slmops_nb import finetune as module  # by module: the processes import what they run
+    from slmops_nb import finetuning  # by module: the processes import what they run
     check_methods(methods)
     out = Path(out)
     kw = dict(olive_data=olive_task_data(task, data["train"], tokenizer, out), lr=lr, full_lr=full_lr, ia3_lr=ia3_lr, r=r,
@@ -121,7 +121,7 @@ def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: 
               max_length=max_length, patience=patience,
               training=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed))
     order = sorted(methods, key=lambda m: (not m.startswith("olive_"), m != "full"))
-    trained = dict(zip(order, side_by_side([(module.train_method, (m, base, task, data, examples, out), kw) for m in order])))
+    trained = dict(zip(order, side_by_side([(finetuning.train_method, (m, base, task, data, examples, out), kw) for m in order])))
     results, histories, answers = {}, {}, {}
     for m in methods:
         if m.startswith("olive_"): res = load_olive_method(m, base, trained[m]["folder"])
