@@ -5,6 +5,7 @@
 # %% ../nbs/00d_models.ipynb #c003
 from __future__ import annotations
 
+import functools
 import math
 import random
 import tempfile
@@ -44,10 +45,14 @@ TOKENIZER_SPEC = {"vocab_size": 2048, "min_frequency": 2}
 def _data_fingerprint() -> dict:
     return {f: file_hash(DATA_DIR/f) for f in WORKBENCH_FILES}
 
+@functools.cache
+def _chat_template():
+    import jinja2
+    return jinja2.Template(CHAT_TEMPLATE)  # compiled once: the corpora render thousands of chats
+
 def _render_chat(user: str, assistant: str) -> str:
     "CHAT_TEMPLATE applied to one exchange before any tokenizer exists (the tokenizer is trained on these)."
-    import jinja2
-    return jinja2.Template(CHAT_TEMPLATE).render(messages=chat_messages(user, assistant), add_generation_prompt=False)
+    return _chat_template().render(messages=chat_messages(user, assistant), add_generation_prompt=False)
 
 # %% ../nbs/00d_models.ipynb #c011
 def pretraining_texts() -> list[str]:
