@@ -25,17 +25,25 @@ ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PE
 
 # %% ../nbs/00ea_adapt.ipynb #d011
 def lora_targets(model) -> list[str]:
-    "LoRA's target modules for a model (or a model's name or folder): the names of its linear layers, the output layer unless tied."
+    """LoRA's target modules for a model (or a model's name or folder): the names of its linear layers, the output
+    layer unless tied."""
     if isinstance(model, (str, Path)):
-        with torch.device("meta"): model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
     tied = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not tied})
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not tied
+    })
 
 # %% ../nbs/00ea_adapt.ipynb #t042
 def check_lora(r: int, alpha: float, dropout: float = 0.0):
     "LoRA hyperparameters that can train: rank and alpha at least 1, dropout in [0, 1)."
-    if not (isinstance(r, int) and r >= 1): raise SlmopsError(f"LoRA rank must be an integer of at least 1, got {r!r} (try 8).")
-    if alpha <= 0: raise SlmopsError(f"LoRA alpha must be positive, got {alpha!r} (the update is scaled by alpha / rank; try 2 x rank).")
+    if not (isinstance(r, int) and r >= 1):
+        raise SlmopsError(f"LoRA rank must be an integer of at least 1, got {r!r} (try 8).")
+    if alpha <= 0:
+        raise SlmopsError(
+            f"LoRA alpha must be positive, got {alpha!r} (the update is scaled by alpha / rank; try 2 x rank).")
     if not 0 <= dropout < 1: raise SlmopsError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
 # %% ../nbs/00ea_adapt.ipynb #t044
@@ -48,13 +56,17 @@ def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.0
                       target_modules=list(target_modules) if target_modules else None, use_dora=method == "dora")
 
 # %% ../nbs/00ea_adapt.ipynb #t046
-def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None, seed: int = 0):
-    "The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear layers by default), its random init drawn from `seed`."
+def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None,
+                  seed: int = 0):
+    """The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear
+    layers by default), its random init drawn from `seed`."""
     if method == "full": return load_model(base)
-    if method not in ADAPTER_METHODS: raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
+    if method not in ADAPTER_METHODS:
+        raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
     from peft import get_peft_model
     model = load_base(base, quantize_4bit=method == "qlora")
-    seed_everything(seed)  # the adapter's init: else it follows whatever this process drew before (another method, in a pool)
+    # the adapter's init: else it follows whatever this process drew before (another method, in a pool)
+    seed_everything(seed)
     return get_peft_model(model, peft_config(method, r, alpha, dropout, target_modules or lora_targets(model)))
 
 # %% ../nbs/00ea_adapt.ipynb #t047
@@ -68,17 +80,19 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
              max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1, r: int = 8,
              alpha: float = 32, dropout: float = 0.05, target_modules=None, patience: int = 1, seed: int = 0,
              trainer_cls=Trainer, trainer_kwargs: dict | None = None) -> dict:
-    "Train `method` on `base`: checkpoints, TensorBoard logs, early stopping; the adapter (or model) saved in `out`/model."
-    if not train or not valid: raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
+    """Train `method` on `base`: checkpoints, TensorBoard logs, early stopping; the adapter (or model) saved in
+    `out`/model."""
+    if not train or not valid:
+        raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
     out = Path(out)
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
         model = prepare_model(method, base, r, alpha, dropout, target_modules, seed)
-        when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(1, max_steps // 4))
-                if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
-        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                              output_dir=out/"checkpoints", name=method, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-                              callbacks=[OverfittingWarning(method)], patience=patience,
+        when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(
+            1, max_steps // 4)) if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
+        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size,
+                              seed=seed, output_dir=out / "checkpoints", name=method, trainer_cls=trainer_cls,
+                              trainer_kwargs=trainer_kwargs, callbacks=[OverfittingWarning(method)], patience=patience,
                               max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum,
                               report_to=["tensorboard"], **when)  # TensorBoard logs go to checkpoints/runs/
     model = res["trainer"].model
@@ -95,10 +109,12 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
 
 # %% ../nbs/00ea_adapt.ipynb #t053
 def load_trained(method: str, base, folder):
-    "What `finetune(method, base, ...)` saved in `folder` (its `out/model`), in eval mode: the whole model, or the base (4-bit for qlora) with the adapter."
+    """What `finetune(method, base, ...)` saved in `folder` (its `out/model`), in eval mode: the whole model, or the
+    base (4-bit for qlora) with the adapter."""
     if method == "full": return load_model(folder)
     from peft import PeftModel
-    return PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "qlora"), folder, is_trainable=True).eval()  # trainable: counted as such
+    # trainable: counted as such
+    return PeftModel.from_pretrained(load_base(base, quantize_4bit=method == "qlora"), folder, is_trainable=True).eval()
 
 # %% ../nbs/00ea_adapt.ipynb #d061
 def load_adapters(base, adapters: dict):
@@ -113,7 +129,8 @@ def load_adapters(base, adapters: dict):
 
 # %% ../nbs/00ea_adapt.ipynb #d064
 def merge_adapter(base, adapter_dir, tokenizer, out):
-    "Fold a LoRA adapter into `base` and save the merged model with `tokenizer` in `out` (atomically); returns the merged model."
+    """Fold a LoRA adapter into `base` and save the merged model with `tokenizer` in `out` (atomically); returns the
+    merged model."""
     model = load_adapters(base, {"adapter": adapter_dir}).merge_and_unload()
     with atomic_dir(out) as tmp: save_model(model, tokenizer, tmp)
     return model

@@ -31,7 +31,8 @@ def read_manifest(run) -> dict:
 
 # %% ../nbs/00k_artifacts.ipynb #a007
 def record_artifact(chapter_out, name: str, path, **info) -> dict:
-    "Record `path` as artifact `name` of the chapter writing into `chapter_out` (replacing an earlier record of that name)."
+    """Record `path` as artifact `name` of the chapter writing into `chapter_out` (replacing an earlier record of that
+    name)."""
     run, path = run_folder(chapter_out), Path(path).resolve()
     if not path.exists(): raise SlmopsError(f"Artifact {name!r}: {path} does not exist; write it before recording it.")
     entry = {"path": os.path.relpath(path, run), "chapter": Path(chapter_out).resolve().name,
@@ -42,7 +43,8 @@ def record_artifact(chapter_out, name: str, path, **info) -> dict:
 
 # %% ../nbs/00k_artifacts.ipynb #a010
 def find_artifact(chapter_out, name: str) -> Path | None:
-    "The path of artifact `name` in the run of `chapter_out`, if a chapter recorded it and it is still there; else None."
+    """The path of artifact `name` in the run of `chapter_out`, if a chapter recorded it and it is still there; else
+    None."""
     run = run_folder(chapter_out)
     entry = read_manifest(run).get(name)
     if entry is None or not (run/entry["path"]).exists(): return None
@@ -52,5 +54,7 @@ def find_artifact(chapter_out, name: str) -> Path | None:
 def artifact_record(chapter_out, name: str) -> dict:
     "The record of artifact `name` (path, chapter, what describes it); a clear error when no chapter recorded it."
     entry = read_manifest(run_folder(chapter_out)).get(name)
-    if entry is None: raise SlmopsError(f"No artifact {name!r} in {run_folder(chapter_out)/MANIFEST}: run the chapter that makes it first.")
+    if entry is None:
+        raise SlmopsError(
+            f"No artifact {name!r} in {run_folder(chapter_out)/MANIFEST}: run the chapter that makes it first.")
     return entry

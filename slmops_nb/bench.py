@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from .child import ANSWERERS, child_command
 from .core import SlmopsError, write_json
 from .data import Task, render_chat
 from .evaluate import HEADLINE, POINTS, task_predictions, task_scores
@@ -29,17 +29,22 @@ __all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'benc
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
-    "One streamed answer of exactly `max_new_tokens` (end of turn ignored), timed: total ms, first token, decode seconds."
+    """One streamed answer of exactly `max_new_tokens` (end of turn ignored), timed: total ms, first token, decode
+    seconds."""
     t0, times, pieces = time.perf_counter(), [], []
     for piece in model.chat_stream(messages, max_new_tokens, ignore_eos=True):
         times.append(time.perf_counter()); pieces.append(piece)
     end = time.perf_counter()
-    return {"ms": (end - t0) * 1000, "ttft_ms": (times[0] - t0) * 1000 if times else (end - t0) * 1000,
-            "tokens": len(times), "decode_seconds": times[-1] - times[0] if len(times) > 1 else 0.0, "text": "".join(pieces)}
+    return {
+        "ms": (end - t0) * 1000, "ttft_ms": (times[0] - t0) * 1000 if times else (end - t0) * 1000,
+        "tokens": len(times), "decode_seconds": times[-1] - times[0] if len(times) > 1 else 0.0, "text": "".join(pieces)
+    }
 
 # %% ../nbs/00j_bench.ipynb #c008
-def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records: list[dict], max_new_tokens: int = 32) -> tuple[dict, object]:
-    "Load a model with `load()` and measure it on `prompts` (timing) and `task`'s `records` (its scores); returns (figures, model)."
+def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records: list[dict],
+                  max_new_tokens: int = 32) -> tuple[dict, object]:
+    """Load a model with `load()` and measure it on `prompts` (timing) and `task`'s `records` (its scores); returns
+    (figures, model)."""
     if not prompts or not records: raise SlmopsError("The benchmark needs prompts to time and records to score.")
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
@@ -49,24 +54,30 @@ def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records
         pred = model.predict(task, records)
     decoded, decode_s = sum(max(r["tokens"] - 1, 0) for r in reqs), sum(r["decode_seconds"] for r in reqs)
     lat = [r["ms"] for r in reqs]
-    return {"size_bytes": size_bytes, "load_seconds": t_load.seconds, "ttft_ms": percentile([r["ttft_ms"] for r in reqs], 50),
-            "tokens_per_second": decoded / decode_s if decode_s else 0.0, "latency_ms_p50": percentile(lat, 50),
-            "latency_ms_p95": percentile(lat, 95), "peak_memory_mb": mem.delta_mb,
-            "tokens_per_request": sum(r["tokens"] for r in reqs) / len(reqs),
-            **task_scores(task, pred, [task.answer(r) for r in records])}, model
+    return {
+        "size_bytes": size_bytes, "load_seconds": t_load.seconds, "ttft_ms": percentile([r["ttft_ms"] for r in reqs],
+                                                                                        50),
+        "tokens_per_second": decoded / decode_s if decode_s else 0.0, "latency_ms_p50": percentile(lat, 50),
+        "latency_ms_p95": percentile(lat, 95), "peak_memory_mb": mem.delta_mb,
+        "tokens_per_request": sum(r["tokens"] for r in reqs) / len(reqs),
+        **task_scores(task, pred, [task.answer(r) for r in records])
+    }, model
 
 # %% ../nbs/00j_bench.ipynb #c011
 def run_bench(variants: dict, prompts: list[str], task: Task, records: list[dict], max_new_tokens: int = 32,
               foundry_home=None, out_json=None) -> dict:
-    "Benchmark `variants` ({name: (runtime, folder)}) one after the other on the same prompts; write `out_json` when given."
+    """Benchmark `variants` ({name: (runtime, folder)}) one after the other on the same prompts; write `out_json` when
+    given."""
     results = {}
     for name, (kind, folder) in variants.items():
-        res, model = bench_variant(lambda: load_runtime(kind, folder, name, foundry_home), dir_size(folder), prompts, task,
-                                   records, max_new_tokens)
+        res, model = bench_variant(lambda: load_runtime(kind, folder, name, foundry_home), dir_size(folder), prompts,
+                                   task, records, max_new_tokens)
         model.close(); del model; gc.collect()
         results[name] = {"kind": kind, "folder": str(folder), **res}
         metric = HEADLINE[task.kind]
-        print(f"{name:14s} {res['tokens_per_second']:8.1f} tok/s  ttft {res['ttft_ms']:6.1f} ms  {metric} {res[metric]:.3f}")
+        print(
+            f"{name:14s} {res['tokens_per_second']:8.1f} tok/s  ttft {res['ttft_ms']:6.1f} ms  {metric} {res[metric]:.3f}"
+        )
     if out_json: write_json(out_json, {"variants": results, "max_new_tokens": max_new_tokens, "requests": len(prompts),
                                        "records": len(records), "task": task.describe()})
     return results
@@ -76,8 +87,10 @@ def parse_variant(text: str) -> tuple[str, tuple[str, str]]:
     "`NAME=RUNTIME:FOLDER` → (name, (runtime, folder)), the runtime checked before anything loads."
     name, _, rest = text.partition("=")
     kind, _, folder = rest.partition(":")
-    if not (name and kind and folder): raise SlmopsError(f"{text!r}: write NAME=RUNTIME:FOLDER, RUNTIME one of {', '.join(RUNTIMES)}.")
-    if kind not in RUNTIMES: raise SlmopsError(f"Unknown runtime {kind!r} in {text!r}: use one of {', '.join(RUNTIMES)}.")
+    if not (name and kind and folder):
+        raise SlmopsError(f"{text!r}: write NAME=RUNTIME:FOLDER, RUNTIME one of {', '.join(RUNTIMES)}.")
+    if kind not in RUNTIMES:
+        raise SlmopsError(f"Unknown runtime {kind!r} in {text!r}: use one of {', '.join(RUNTIMES)}.")
     return name, (kind, folder)
 
 # %% ../nbs/00j_bench.ipynb #c014b
@@ -87,66 +100,48 @@ def bench_folders(variants: list[str], out_json="bench.json", requests: int = 20
     specs, task = dict(parse_variant(v) for v in variants), task or Task()
     test = task.splits()["test"]
     home = foundry_home or Path(out_json).resolve().parent/"foundry-home"  # Foundry Local's app data, next to the JSON
-    return run_bench(specs, [task.prompt(r) for r in test[:requests]], task, test[:eval_limit], max_new_tokens=max_new_tokens,
-                     foundry_home=home, out_json=out_json)
+    return run_bench(specs, [task.prompt(r) for r in test[:requests]], task, test[:eval_limit],
+                     max_new_tokens=max_new_tokens, foundry_home=home, out_json=out_json)
 
 # %% ../nbs/00j_bench.ipynb #c014e
 def structured_output(model, task: Task, records: list[dict], max_new_tokens: int = 48) -> dict:
-    "Share of invalid answers, ms per answer and tokens per second of `model` on `records`: free, with the task's constraint, and as JSON."
+    """Share of invalid answers, ms per answer and tokens per second of `model` on `records`: free, with the task's
+    constraint, and as JSON."""
     from slmops_nb.serve import answer_schema, follows, json_budget, json_guidance, task_guidance
-    if not model.can_guide: raise SlmopsError(f"{model.name} cannot constrain its answers: measure an ONNX Runtime GenAI folder.")
+    if not model.can_guide:
+        raise SlmopsError(f"{model.name} cannot constrain its answers: measure an ONNX Runtime GenAI folder.")
     if not records: raise SlmopsError("structured_output needs records to answer.")
-    ways = {"without": (None, False), "with": (task_guidance(task), False), "json": (json_guidance(answer_schema(task)), True)}
+    ways = {
+        "without": (None, False), "with": (task_guidance(task), False),
+        "json": (json_guidance(answer_schema(task)), True)
+    }
     as_json = {"json", *(("with",) if task.kind == "generation" else ())}  # a generator's constraint is JSON too
     figures = {}
     for way, (guidance, json_mode) in ways.items():
         invalid, tokens, budget = 0, 0, max(max_new_tokens, json_budget(task)) if way in as_json else max_new_tokens
         with Timer() as t:
             for r in records:
-                pieces = list(model.chat_stream(task.messages(r), budget, **({"guidance": guidance} if guidance else {})))
+                pieces = list(
+                    model.chat_stream(task.messages(r), budget, **({"guidance": guidance} if guidance else {})))
                 tokens, invalid = tokens + len(pieces), invalid + (not follows(task, "".join(pieces), json_mode))
         figures[way] = {"invalid_rate": invalid / len(records), "tokens_per_second": tokens / t.seconds,
                         "ms_per_answer": 1000 * t.seconds / len(records)}
-    return {"invalid_rate_without": figures["without"]["invalid_rate"], "invalid_rate_with": figures["with"]["invalid_rate"],
-            "json_invalid_rate": figures["json"]["invalid_rate"], "examples": len(records),
-            **{k: {way: f[k] for way, f in figures.items()} for k in ("ms_per_answer", "tokens_per_second")}}
+    return {
+        "invalid_rate_without": figures["without"]["invalid_rate"],
+        "invalid_rate_with": figures["with"]["invalid_rate"], "json_invalid_rate": figures["json"]["invalid_rate"],
+        "examples": len(records),
+        **{k: {way: f[k]
+               for way, f in figures.items()}
+           for k in ("ms_per_answer", "tokens_per_second")}
+    }
 
 # %% ../nbs/00j_bench.ipynb #c020b
-_LOAD = {"genai": """
-import onnxruntime_genai as og
-model = og.Model(folder)
-tokenizer = og.Tokenizer(model)
-def answer(text):
-    ids = tokenizer.encode(text)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False, random_seed=0)  # as GenAIModel
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    while not gen.is_done(): gen.generate_next_token()
-""", "llamacpp": """
-from llama_cpp import Llama
-llm = Llama(folder + "/model.gguf", n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)
-def answer(text):
-    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-    for n, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
-        if n + 1 >= new: break
-"""}
-_PEAK = """
-import json, sys
-from slmops_nb.measure import PeakMemory
-kind, folder, prompts, new, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-with PeakMemory(interval=0.002) as mem:
-    exec(LOAD[kind])
-    for text in prompts: answer(text)
-print(json.dumps({"peak_memory_mb": mem.delta_mb}))
-"""
-
 def peak_memory(kind: str, folder, prompts: list[str], max_new_tokens: int = 32) -> float:
-    "MB by which a fresh process grows while runtime `kind` (genai or llamacpp) loads `folder` and answers `prompts` (rendered prompt texts), `max_new_tokens` each."
-    if kind not in _LOAD: raise SlmopsError(f"peak_memory measures {' or '.join(_LOAD)} folders, not {kind!r}.")
-    script = f"LOAD = {_LOAD!r}\n{_PEAK}"
-    r = subprocess.run([sys.executable, "-c", script, kind, str(Path(folder).resolve()), json.dumps(prompts), str(max_new_tokens),
-                        str(cpu_threads())], capture_output=True, text=True, timeout=1800)
+    """MB by which a fresh process grows while runtime `kind` (genai or llamacpp) loads `folder` and answers `prompts`
+    (rendered prompt texts), `max_new_tokens` each (`child.runtime_memory`)."""
+    if kind not in ANSWERERS: raise SlmopsError(f"peak_memory measures {' or '.join(ANSWERERS)} folders, not {kind!r}.")
+    command = child_command("runtime_memory", kind, Path(folder).resolve(), prompts, max_new_tokens, cpu_threads())
+    r = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if r.returncode: raise SlmopsError(f"Measuring the memory of {folder} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_memory_mb"]
 
@@ -162,53 +157,70 @@ def screen_quality(variants: dict, task: Task, records: list[dict]) -> dict:
     return out
 
 def broken_variants(screened: dict, metric: str, screen_points: float = 20) -> list[str]:
-    "The variants whose screened quality ({name: quality}, the first the reference) is more than `screen_points` below the reference's."
+    """The variants whose screened quality ({name: quality}, the first the reference) is more than `screen_points`
+    below the reference's."""
     ref = next(iter(screened.values()))
     return [n for n, q in screened.items() if (ref - q) * POINTS[metric] > screen_points]
 
 # %% ../nbs/00j_bench.ipynb #c020d
 def frontier(variants: dict, task: Task, records: list[dict], prompts: list[str], max_new_tokens: int = 32,
              repeats: int = 5, screen: int = 32, screen_points: float = 20) -> tuple[list[dict], dict]:
-    "Each variant ({name: (runtime, folder)}, genai or llamacpp) measured alike: one row each (`name`, `size_bytes`, `ttft_ms`, `tokens_per_second`, `peak_memory_mb`, `quality`, `broken`), and `run_bench`'s full figures; the prompts are timed `repeats` times over. A variant more than `screen_points` below the first on the first `screen` records (`broken_variants`; 0: no screen) is measured on those records only, the prompts timed once."
+    """Each variant ({name: (runtime, folder)}, genai or llamacpp) measured alike: one row each (`name`, `size_bytes`,
+    `ttft_ms`, `tokens_per_second`, `peak_memory_mb`, `quality`, `broken`), and `run_bench`'s full figures; the
+    prompts are timed `repeats` times over. A variant more than `screen_points` below the first on the first
+    `screen` records (`broken_variants`; 0: no screen) is measured on those records only, the prompts timed once."""
     metric, few = HEADLINE[task.kind], records[:screen]
     screened = screen_quality(variants, task, few) if screen else {}
     broken = broken_variants(screened, metric, screen_points) if screened else []
     for n in broken: print(f"{n}: {metric} {screened[n]:.3f} on the first {len(few)} records, {next(iter(screened))} "
                            f"{next(iter(screened.values())):.3f}: broken, measured on those only")
     # a small model decodes a prompt's tokens in milliseconds: timed once, the figure is mostly the machine's noise
-    measured = run_bench({n: v for n, v in variants.items() if n not in broken}, prompts * repeats, task, records, max_new_tokens)
+    measured = run_bench({n: v
+                          for n, v in variants.items() if n not in broken}, prompts * repeats, task, records,
+                         max_new_tokens)
     if broken: measured |= run_bench({n: variants[n] for n in broken}, prompts, task, few, max_new_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(str(next(iter(variants.values()))[1]))  # the variants of one model share one
+    # the variants of one model share one
+    tokenizer = AutoTokenizer.from_pretrained(str(next(iter(variants.values()))[1]))
     texts = [render_chat(tokenizer, [{"role": "user", "content": p}], True) for p in prompts]
-    rows = [{"name": n, "size_bytes": measured[n]["size_bytes"], "ttft_ms": measured[n]["ttft_ms"],
-             "tokens_per_second": measured[n]["tokens_per_second"], "peak_memory_mb": peak_memory(*variants[n], texts, max_new_tokens),
-             "quality": measured[n][metric], "metric": metric, "broken": n in broken} for n in variants]
+    rows = [{
+        "name": n, "size_bytes": measured[n]["size_bytes"], "ttft_ms": measured[n]["ttft_ms"],
+        "tokens_per_second": measured[n]["tokens_per_second"],
+        "peak_memory_mb": peak_memory(*variants[n], texts, max_new_tokens), "quality": measured[n][metric],
+        "metric": metric, "broken": n in broken
+    } for n in variants]
     return rows, {n: measured[n] for n in variants}
 
 # %% ../nbs/00j_bench.ipynb #c020e
 def recommend(rows: list[dict], reference: str, tolerance_points: float = 1.0) -> dict:
-    "The fastest row (decode tokens/s), not `broken`, whose quality is at most `tolerance_points` below the `reference` row's; with the reason."
+    """The fastest row (decode tokens/s), not `broken`, whose quality is at most `tolerance_points` below the
+    `reference` row's; with the reason."""
     by_name = {r["name"]: r for r in rows}
-    if reference not in by_name: raise SlmopsError(f"No row named {reference!r} to compare with: the rows are {list(by_name)}.")
+    if reference not in by_name:
+        raise SlmopsError(f"No row named {reference!r} to compare with: the rows are {list(by_name)}.")
     ref, points = by_name[reference], POINTS[rows[0]["metric"]]
     good = [r for r in rows if not r.get("broken") and (ref["quality"] - r["quality"]) * points <= tolerance_points]
     best = max(good, key=lambda r: r["tokens_per_second"])
     left = sorted(r["name"] for r in rows if r not in good)
-    return {"name": best["name"], "reference": reference, "tolerance_points": tolerance_points,
-            "why": (f"the fastest ({best['tokens_per_second']:.0f} tokens/s) of the {len(good)} variants whose {best['metric']} is within "
-                    f"{tolerance_points:g} point(s) of {reference}'s ({ref['quality']:.3f}; this one {best['quality']:.3f})"
-                    + (f"; below it: {', '.join(left)}" if left else ""))}
+    return {
+        "name": best["name"], "reference": reference, "tolerance_points": tolerance_points, "why": (
+            f"the fastest ({best['tokens_per_second']:.0f} tokens/s) of the {len(good)} variants whose {best['metric']} is within "
+            f"{tolerance_points:g} point(s) of {reference}'s ({ref['quality']:.3f}; this one {best['quality']:.3f})" +
+            (f"; below it: {', '.join(left)}" if left else ""))
+    }
 
 # %% ../nbs/00j_bench.ipynb #c016
 def benchmark_workbench(fresh: bool = False) -> dict:
-    "Time building the workbench (into an empty cache when `fresh`), re-loading it from cache, and the teacher's accuracy."
+    """Time building the workbench (into an empty cache when `fresh`), re-loading it from cache, and the teacher's
+    accuracy."""
     with tempfile.TemporaryDirectory(prefix="slmops-cache-") as tmp:
         root = tmp if fresh else None
         built = build_workbench(root)
         with Timer() as cached: build_workbench(root)
-        with Timer() as load: teacher, tok = load_model(built["teacher"]["path"]), load_tokenizer(built["teacher"]["path"])
+        with Timer() as load:
+            teacher, tok = load_model(built["teacher"]["path"]), load_tokenizer(built["teacher"]["path"])
         tones, test = Task(), Task().splits()["test"]
-        acc = task_scores(tones, task_predictions(teacher, tok, tones, test), [tones.answer(r) for r in test])["accuracy"]
+        acc = task_scores(tones, task_predictions(teacher, tok, tones, test),
+                          [tones.answer(r) for r in test])["accuracy"]
     return {"fresh": fresh, "build_seconds": built["seconds"],
             "artifact_build_seconds": {k: v["build_seconds"] for k, v in built.items() if k != "seconds"},
             "cached_seconds": cached.seconds, "teacher_load_seconds": load.seconds, "teacher_test_accuracy": acc,

@@ -34,11 +34,13 @@ def subcommand(help: str, *arguments):
     return register
 
 # %% ../nbs/00m_cli.ipynb #c008
-@subcommand("execute chapters with papermill into a run folder",
+@subcommand(
+    "execute chapters with papermill into a run folder",
     arg("chapters", nargs="*", help="chapters to run (01_introduction or 01); default: all, in order"),
     arg("--profile", default="default", choices=PROFILES, help="default: the real workbook; smoke: shrunk for CI"),
     arg("--out", help="run folder (default: a new runs/<run-id>/)"),
-    arg("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="set a chapter parameter (repeatable)"),
+    arg("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="set a chapter parameter (repeatable)"),
     arg("--nbs", help="folder holding the chapter notebooks (default: the workbook's nbs/)"),
     arg("--no-progress", action="store_true", help="no per-cell progress bar"))
 def cmd_run(a) -> int:
@@ -50,8 +52,9 @@ def cmd_run(a) -> int:
     except Stopped as stop:
         where = (f"in chapter {stop.chapter}; its partial notebook: {stop.notebook}" if getattr(stop, "chapter", None)
                  else "before any chapter started")
-        print(f"slmops: interrupted ({signal.Signals(stop.signum).name}) {where}. Finished chapters and cached models are kept.",
-              file=sys.stderr, flush=True)
+        print(
+            f"slmops: interrupted ({signal.Signals(stop.signum).name}) {where}. Finished chapters and cached models are kept.",
+            file=sys.stderr, flush=True)
         return 128 + stop.signum
     print("\n" + summary_table(summary))
     print(f"\nsummary: {summary['run']}/summary.json\nreport:  {summary['run']}/report.md")
@@ -77,9 +80,11 @@ def cmd_workbench(a) -> int:
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c012
-@subcommand("fine-tune one method on a task (torchrun-ready: every process joins one DDP run)",
+@subcommand(
+    "fine-tune one method on a task (torchrun-ready: every process joins one DDP run)",
     arg("--base", default="workbench:base", help="workbench name, model folder or hub id"),
-    arg("--task", default="", help="a task file (YAML or JSON) or a built-in task's name; or describe the data with the options below"),
+    arg("--task", default="",
+        help="a task file (YAML or JSON) or a built-in task's name; or describe the data with the options below"),
     arg("--method", default="lora", help="full, lora, qlora, dora or ia3"),
     arg("--train", default="", help="training file (json, jsonl, csv); default: the built-in tones"),
     arg("--validation", default="", help="validation file; default: carved from the training file"),
@@ -87,21 +92,24 @@ def cmd_workbench(a) -> int:
     arg("--out", required=True, help="output folder (model/, checkpoints/, ranks/, result.json)"),
     arg("--epochs", type=float, default=1.0), arg("--max-steps", type=int, default=0),
     arg("--lr", type=float, default=3e-3), arg("--batch-size", type=int, default=16),
-    arg("--grad-accum", type=int, default=1), arg("--r", type=int, default=8),
-    arg("--alpha", type=float, default=32), arg("--dropout", type=float, default=0.05),
+    arg("--grad-accum", type=int, default=1), arg("--r", type=int, default=8), arg("--alpha", type=float, default=32),
+    arg("--dropout", type=float, default=0.05),
     arg("--target-modules", default="", help="comma-separated LoRA target modules (default: the method's)"),
     arg("--max-length", type=int, default=64), arg("--limit", type=int, default=0, help="use the first N examples"),
     arg("--seed", type=int, default=0))
 def cmd_finetune(a) -> int:
     from slmops_nb.data import task_from_params
     from slmops_nb.finetuning import finetune_task
-    task = task_from_params(a.task, a.seed, train_file=a.train, validation_file=a.validation, input_column=a.input_column,
-                            label_column=a.label_column)
+    task = task_from_params(a.task, a.seed, train_file=a.train, validation_file=a.validation,
+                            input_column=a.input_column, label_column=a.label_column)
     res = finetune_task(a.method, a.base, task, a.out, limit=a.limit, max_length=a.max_length, epochs=a.epochs,
-                        max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, r=a.r, alpha=a.alpha,
-                        dropout=a.dropout, target_modules=a.target_modules.split(",") if a.target_modules else None, seed=a.seed)
+                        max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, r=a.r,
+                        alpha=a.alpha, dropout=a.dropout,
+                        target_modules=a.target_modules.split(",") if a.target_modules else None, seed=a.seed)
     if res["rank"] == 0:
-        print(f"slmops finetune: {a.method} on {res['world_size']} process(es), {res['steps']} steps, model in {Path(a.out)/'model'}")
+        print(
+            f"slmops finetune: {a.method} on {res['world_size']} process(es), {res['steps']} steps, model in {Path(a.out)/'model'}"
+        )
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c013
@@ -116,44 +124,66 @@ def cmd_export(a) -> int:
     from slmops_nb.deployment import export_model
     from slmops_nb.measure import Timer, dir_size
     with Timer() as t: out = export_model(a.model, a.out, a.precision, a.block_size, not a.asymmetric, a.tool)
-    print(f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}")
+    print(
+        f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}"
+    )
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c014
-@subcommand("serve a model with OpenAI's chat completions API, Prometheus metrics and, beside it, a challenger",
-    arg("model_dir", help="the model folder: exported for ONNX Runtime GenAI, or a Hugging Face one with --runtime pytorch; "
-                          "or a registered model, models:/NAME@ALIAS or models:/NAME/VERSION"),
-    arg("--registry", default=None, help="the run folder whose registry holds models:/ names (default: $MLFLOW_TRACKING_URI)"),
+@subcommand(
+    "serve a model with OpenAI's chat completions API, Prometheus metrics and, beside it, a challenger",
+    arg(
+        "model_dir",
+        help="the model folder: exported for ONNX Runtime GenAI, or a Hugging Face one with --runtime pytorch; "
+        "or a registered model, models:/NAME@ALIAS or models:/NAME/VERSION"),
+    arg("--registry", default=None,
+        help="the run folder whose registry holds models:/ names (default: $MLFLOW_TRACKING_URI)"),
     arg("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)"),
     arg("--port", type=int, default=8000),
-    arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"), help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
+    arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"),
+        help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
     arg("--model-id", help="the model's name in the API (default: the folder's name, or NAME-ALIAS)"),
-    arg("--runtime", default="genai", help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted; "
-                                            "llamacpp: a GGUF folder (chapter 04's gguf_*); "
-                                            "foundry: an exported folder in Foundry Local, in this process (needs --foundry-home)"),
+    arg(
+        "--runtime", default="genai",
+        help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted; "
+        "llamacpp: a GGUF folder (chapter 04's gguf_*); "
+        "foundry: an exported folder in Foundry Local, in this process (needs --foundry-home)"),
     arg("--foundry-home", default=None, help="Foundry Local's app data folder (--runtime foundry)"),
     arg("--challenger", default=None, help="a second model (folder or models:/NAME@challenger) beside the champion"),
-    arg("--canary", type=float, default=0.0, help="the share of users (sticky by the request's user) the challenger answers"),
-    arg("--shadow", action="store_true", help="the champion answers everyone; the challenger answers too, into the log only"),
-    arg("--max-error-rate", type=float, default=0.05, help="roll back when the challenger's recent error rate passes this"),
-    arg("--max-p95-ms", type=float, default=None, help="roll back when the challenger's recent p95 latency passes this"),
-    arg("--min-agreement", type=float, default=None, help="roll back when fewer of the challenger's recent answers match the champion's"),
-    arg("--task", default="", help="a classification task (file or built-in name): an answer that is not one of its labels counts as an error"),
-    arg("--constrain-labels", action="store_true", help="with --task: every answer is one of its labels (ONNX Runtime GenAI's guidance)"),
+    arg("--canary", type=float, default=0.0,
+        help="the share of users (sticky by the request's user) the challenger answers"),
+    arg("--shadow", action="store_true",
+        help="the champion answers everyone; the challenger answers too, into the log only"),
+    arg("--max-error-rate", type=float, default=0.05,
+        help="roll back when the challenger's recent error rate passes this"),
+    arg("--max-p95-ms", type=float, default=None,
+        help="roll back when the challenger's recent p95 latency passes this"),
+    arg("--min-agreement", type=float, default=None,
+        help="roll back when fewer of the challenger's recent answers match the champion's"),
+    arg(
+        "--task", default="",
+        help="a classification task (file or built-in name): an answer that is not one of its labels counts as an error"
+    ),
+    arg("--constrain-labels", action="store_true",
+        help="with --task: every answer is one of its labels (ONNX Runtime GenAI's guidance)"),
     arg("--request-log", default=None, help="append a JSON line per request to this file (for slmops monitor)"),
-    arg("--log-prompts", action="store_true", help="also log the prompt's text, redacted (off by default: privacy first)"))
+    arg("--log-prompts", action="store_true",
+        help="also log the prompt's text, redacted (off by default: privacy first)"))
 def cmd_serve(a) -> int:
     from slmops_nb.data import load_task
     from slmops_nb.serve import run_server
     labels = load_task(a.task).classes if a.task else None
-    run_server(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log, a.log_prompts,
-          a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate, max_p95_ms=a.max_p95_ms,
-          min_agreement=a.min_agreement, labels=labels, constrain_labels=a.constrain_labels)
+    run_server(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log,
+               a.log_prompts, a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate,
+               max_p95_ms=a.max_p95_ms, min_agreement=a.min_agreement, labels=labels,
+               constrain_labels=a.constrain_labels)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c015
-@subcommand("benchmark model folders side by side into a JSON file",
-    arg("variants", nargs="+", metavar="NAME=RUNTIME:FOLDER", help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR"),
+@subcommand(
+    "benchmark model folders side by side into a JSON file",
+    arg("variants", nargs="+", metavar="NAME=RUNTIME:FOLDER",
+        help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR"),
     arg("--out", default="bench.json", help="the JSON file to write"),
     arg("--requests", type=int, default=20, help="timed requests per variant (the task's test prompts)"),
     arg("--max-new-tokens", type=int, default=32),
@@ -163,18 +193,22 @@ def cmd_serve(a) -> int:
 def cmd_bench(a) -> int:
     from slmops_nb.bench import bench_folders
     from slmops_nb.data import load_task
-    bench_folders(a.variants, a.out, a.requests, a.max_new_tokens, a.eval_limit, a.foundry_home, load_task(a.task) if a.task else None)
+    bench_folders(a.variants, a.out, a.requests, a.max_new_tokens, a.eval_limit, a.foundry_home,
+                  load_task(a.task) if a.task else None)
     print(f"wrote {a.out}")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c040
-@subcommand("judge a request log window by window: drift, errors, latency; exit 1 on an alarm",
+@subcommand(
+    "judge a request log window by window: drift, errors, latency; exit 1 on an alarm",
     arg("log", help="the request log written by slmops serve --request-log"),
-    arg("--task", default="", help="the served model's task: a task file or a built-in task's name (default: the tones)"),
+    arg("--task", default="",
+        help="the served model's task: a task file or a built-in task's name (default: the tones)"),
     arg("--window", type=int, default=100, help="requests per window"),
     arg("--slo-ms", type=float, default=None, help="the p95 latency a window must stay under"),
     arg("--last", type=int, default=0, help="judge only the last N windows (default: all)"),
-    arg("--out", default=None, help="the folder for monitor.json, monitor.md and monitor.png (default: beside the log)"))
+    arg("--out", default=None,
+        help="the folder for monitor.json, monitor.md and monitor.png (default: beside the log)"))
 def cmd_monitor(a) -> int:
     from slmops_nb.data import load_task, Task
     from slmops_nb.monitor import monitor_log
@@ -187,11 +221,13 @@ def cmd_monitor(a) -> int:
     return 1 if any(w["alarms"] for _, w in judged) else 0
 
 # %% ../nbs/00m_cli.ipynb #c041
-@subcommand("make the challenger the champion when the promotion gate passes (checklist and live canary figures)",
+@subcommand(
+    "make the challenger the champion when the promotion gate passes (checklist and live canary figures)",
     arg("name", help="the registered model, e.g. tones-ort-int4"),
     arg("--registry", default=None, help="the run folder whose registry holds it (default: $MLFLOW_TRACKING_URI)"),
     arg("--log", required=True, help="the request log of the canary (slmops serve --request-log)"),
-    arg("--checklist", default=None, help="a metrics.json with chapter 04's checklist (the challenger's offline checks)"),
+    arg("--checklist", default=None,
+        help="a metrics.json with chapter 04's checklist (the challenger's offline checks)"),
     arg("--min-requests", type=int, default=100, help="canary requests needed before a decision"),
     arg("--max-error-rate", type=float, default=0.01, help="the canary's error rate limit"))
 def cmd_promote(a) -> int:
@@ -200,7 +236,8 @@ def cmd_promote(a) -> int:
     from slmops_nb.registry import promote
     from slmops_nb.serve import read_request_log
     checklist = read_json(a.checklist).get("checklist") if a.checklist else None
-    if a.checklist and checklist is None: raise SlmopsError(f"{a.checklist} has no checklist: give chapter 04's metrics.json.")
+    if a.checklist and checklist is None:
+        raise SlmopsError(f"{a.checklist} has no checklist: give chapter 04's metrics.json.")
     gate = promotion_gate(live_figures(read_request_log(a.log)), checklist, a.min_requests, a.max_error_rate)
     for check, ok in gate["checks"].items(): print(f"{'pass' if ok else 'FAIL'}  {check}")
     if not gate["passed"]:
@@ -212,7 +249,8 @@ def cmd_promote(a) -> int:
 # %% ../nbs/00m_cli.ipynb #c017
 def parser() -> argparse.ArgumentParser:
     "The `slmops` argument parser: one subparser per registered subcommand."
-    ap = argparse.ArgumentParser(prog="slmops", description="SLMOps Workbook: run the chapters, and the library's tools.")
+    ap = argparse.ArgumentParser(prog="slmops",
+                                 description="SLMOps Workbook: run the chapters, and the library's tools.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (help, arguments, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)

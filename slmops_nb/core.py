@@ -15,7 +15,6 @@ import platform
 import random
 import re
 import shutil
-import sys
 import time
 import uuid
 import warnings
@@ -31,8 +30,8 @@ from filelock import FileLock
 __all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
            'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'warn_chapter',
            'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash',
-           'file_hash', 'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'pool_threads',
-           'side_by_side', 'package_versions', 'env_report', 'quiet', 'widget_progress', 'progress_bar']
+           'file_hash', 'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'package_versions',
+           'env_report', 'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -92,7 +91,8 @@ def atomic_dir(path):
 
 # %% ../nbs/00_core.ipynb #c018
 def _running(pid: int) -> bool:
-    try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has ended, only its parent has not reaped it
+    # a zombie has ended, only its parent has not reaped it
+    try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess: return False
 
 def remove_stale_tmp(folder) -> list[Path]:
@@ -141,7 +141,8 @@ def write_metrics(out_dir, metrics: dict, merge: bool = True) -> dict:
 
 # %% ../nbs/00_core.ipynb #c027b
 def warn_chapter(out_dir, warning: str) -> list[str]:
-    "Add `warning` (once) to the `warnings` of `out_dir/metrics.json`: the chapter's status becomes `warning`; all its warnings."
+    """Add `warning` (once) to the `warnings` of `out_dir/metrics.json`: the chapter's status becomes `warning`; all
+    its warnings."""
     path = Path(out_dir)/"metrics.json"
     warnings = (read_json(path) if path.exists() else {}).get("warnings", [])
     if warning not in warnings: warnings = [*warnings, warning]
@@ -246,49 +247,6 @@ def seed_everything(seed: int = 0) -> int:
     except ImportError: pass
     return seed
 
-# %% ../nbs/00_core.ipynb #c047c
-_POOL = {}  # in a side_by_side process with grow: the calls not finished yet (shared), the threads of one, of all, the workers
-
-def _one_process_threads(threads: int, left=None, total: int = 0, workers: int = 0):
-    import torch
-    torch.set_num_threads(threads)
-    if left is not None: _POOL.update(left=left, threads=threads, total=total, workers=workers)
-    quiet()
-    sys.stdout = open(os.devnull, "w")  # its progress lines would land in the terminal of a notebook's kernel; errors come back
-
-def _pool_call(f, args, kwargs):
-    try: return f(*args, **kwargs)
-    finally:
-        if "left" in _POOL:
-            with _POOL["left"].get_lock(): _POOL["left"].value -= 1
-
-def pool_threads() -> int:
-    "The threads this process may use now: in a `side_by_side(grow=True)` process, the pool's threads shared by its calls still running; else its own."
-    import torch
-    if "left" not in _POOL: return torch.get_num_threads()
-    return max(_POOL["threads"], _POOL["total"] // max(1, min(_POOL["left"].value, _POOL["workers"])))
-
-def side_by_side(calls: list[tuple], threads: int = 1, grow: bool = False) -> list:
-    "The results of `calls` ([(function, args, kwargs)]), run in fresh processes on `threads` threads each, as many at a time as this process has threads for; with `grow`, the last ones take the threads the others free (`pool_threads`)."
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    import torch
-    workers = min(len(calls), torch.get_num_threads() // threads)
-    if workers < 2: return [f(*a, **kw) for f, a, kw in calls]
-    local = [f.__qualname__ for f, _, _ in calls if f.__module__ == "__main__"]
-    if local: raise SlmopsError(f"side_by_side: {local} are defined in __main__ (a notebook or a script), which a new process does not "
-                                "have: pass the function from its module (import it).")
-    ctx = multiprocessing.get_context("spawn")
-    shared = (ctx.Value("i", len(calls)), torch.get_num_threads(), workers) if grow else ()
-    pool = ProcessPoolExecutor(workers, ctx, _one_process_threads, (threads, *shared))
-    try: results = [job.result() for job in [pool.submit(_pool_call, f, a, kw) for f, a, kw in calls]]
-    except BaseException:  # an error or an interrupt: stop the others too (Python 3.14 names this terminate_workers)
-        for p in (getattr(pool, "_processes", None) or {}).values(): p.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    return results
-
 # %% ../nbs/00_core.ipynb #c049
 KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets",
                 "bitsandbytes", "olive-ai", "onnx", "onnxruntime", "onnxruntime-genai",
@@ -313,7 +271,8 @@ def _cpu_model() -> str:
 def env_report() -> dict:
     "Machine, accelerator and package versions of this process."
     import torch
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i)
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -328,7 +287,8 @@ def env_report() -> dict:
 
 # %% ../nbs/00_core.ipynb #c054
 def quiet():
-    "Silence library noise a workbook reader does not need: PEFT's save warnings, loading bars, setup chatter (call it first)."
+    """Silence library noise a workbook reader does not need: PEFT's save warnings, loading bars, setup chatter (call
+    it first)."""
     # LoRA on lm_head leaves its base weight frozen: PEFT's checkpoints still copy it, with a warning each save
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for each adapter it wraps: not the user's to fix
@@ -338,7 +298,8 @@ def quiet():
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # the Trainer sorts its numbered checkpoints by number when file times look coarse, and says so once per process
     logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # MLflow announces each SQLite store it sets up
+    # MLflow announces each SQLite store it sets up
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would flood notebook outputs
@@ -352,7 +313,8 @@ def widget_progress() -> bool:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
     except ImportError: return False
-    return type(get_ipython()).__name__ == "ZMQInteractiveShell"  # the Jupyter kernel's shell; a terminal's or nbdev_test's is not
+    # the Jupyter kernel's shell; a terminal's or nbdev_test's is not
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 # %% ../nbs/00_core.ipynb #c061
 def progress_bar(iterable=None, **kwargs):

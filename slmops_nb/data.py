@@ -46,11 +46,14 @@ SPLIT_FRACTIONS = {"train": 0.75, "validation": 0.125, "test": 0.125}
 
 # %% ../nbs/00b_data.ipynb #c010
 def stratified_split(records: list[dict], key: str | None, fractions: dict = SPLIT_FRACTIONS, seed: int = 0) -> dict:
-    "Split `records` into `fractions` (name → share) keeping each `key` value's proportions (no `key`: a plain random split)."
+    """Split `records` into `fractions` (name → share) keeping each `key` value's proportions (no `key`: a plain random
+    split)."""
     if not records: raise DataError("stratified_split: no records to split.")
     if abs(sum(fractions.values()) - 1) > 1e-9: raise SlmopsError(f"Split fractions must sum to 1, got {fractions}.")
     missing = [i for i, r in enumerate(records) if key is not None and key not in r]
-    if missing: raise DataError(f"stratified_split: record {missing[0]} has no column {key!r}; columns: {sorted(records[missing[0]])}.")
+    if missing:
+        raise DataError(
+            f"stratified_split: record {missing[0]} has no column {key!r}; columns: {sorted(records[missing[0]])}.")
     rng, groups, out = random.Random(seed), defaultdict(list), {k: [] for k in fractions}
     for r in records: groups[r[key] if key is not None else None].append(r)
     for label in sorted(groups, key=str):
@@ -80,7 +83,9 @@ def _read_json(path: Path) -> list[dict]:
                         "If it has one object per line, name it .jsonl.") from e
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
-        if len(lists) != 1: raise DataError(f"{path}: expected a list of records (or an object holding one list), found keys {sorted(obj)}.")
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}: expected a list of records (or an object holding one list), found keys {sorted(obj)}.")
         obj = lists[0]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataError(f"{path}: expected a list of JSON objects (one per example).")
@@ -94,8 +99,12 @@ def _read_jsonl(path: Path) -> list[dict]:
             for i, line in enumerate(f, 1):
                 if not line.strip(): continue
                 try: rec = json.loads(line)
-                except json.JSONDecodeError as e: raise DataError(f"{path}:{i}: unreadable line ({e.msg}): {line.strip()[:80]!r}. Fix or remove that line.") from e
-                if not isinstance(rec, dict): raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}.")
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{i}: unreadable line ({e.msg}): {line.strip()[:80]!r}. Fix or remove that line."
+                    ) from e
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}.")
                 out.append(rec)
         except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8.") from e
     return out
@@ -110,8 +119,9 @@ def _read_csv(path: Path) -> list[dict]:
         extra = row.pop(None, None)
         if extra is not None or any(v is None for v in row.values()):
             n = len(row) + len(extra) if extra is not None else sum(v is not None for v in row.values())
-            raise DataError(f"{path}:{i}: row has {n} fields, the header has {len(row)} ({', '.join(reader.fieldnames)}); "
-                            "quote fields that hold commas, or fill in the missing ones.")
+            raise DataError(
+                f"{path}:{i}: row has {n} fields, the header has {len(row)} ({', '.join(reader.fieldnames)}); "
+                "quote fields that hold commas, or fill in the missing ones.")
         rows.append(row)
     return rows
 
@@ -123,7 +133,8 @@ def _looks_like_hub_id(s: str) -> bool:
 
 # %% ../nbs/00b_data.ipynb #c023
 def load_records(source, split: str = "train", columns=None) -> list[dict]:
-    "Records from a .json/.jsonl/.csv file, or the `split` of a hub data set or a data set folder; check `columns` exist."
+    """Records from a .json/.jsonl/.csv file, or the `split` of a hub data set or a data set folder; check `columns`
+    exist."""
     path = Path(str(source)).expanduser()
     if path.is_dir(): records, where = _load_hub(str(path), split), f"data set folder {path} ({split})"
     elif path.exists():
@@ -144,7 +155,8 @@ def load_records(source, split: str = "train", columns=None) -> list[dict]:
 
 # %% ../nbs/00b_data.ipynb #c025
 def _load_hub(name: str, split: str) -> list[dict]:
-    "A split of a hub data set, or of a local folder (written by `save_to_disk`, or data files such as train.csv and test.csv)."
+    """A split of a hub data set, or of a local folder (written by `save_to_disk`, or data files such as train.csv and
+    test.csv)."""
     try:
         import datasets
         if (Path(name)/"dataset_dict.json").exists(): return [dict(r) for r in datasets.load_from_disk(name)[split]]
@@ -166,7 +178,9 @@ def render_template(records: list[dict], template: str, where: str = "data") -> 
     out = []
     for i, r in enumerate(records):
         missing = [f for f in fields if f not in r]
-        if missing: raise DataError(f"{where}: record {i} has no column(s) {missing} used by the template; columns found: {sorted(r)}.")
+        if missing:
+            raise DataError(
+                f"{where}: record {i} has no column(s) {missing} used by the template; columns found: {sorted(r)}.")
         out.append(template.format(**{f: r[f] for f in fields}))
     return out
 
@@ -180,9 +194,11 @@ def chat_messages(user: str, assistant: str | None = None, system: str | None = 
 
 # %% ../nbs/00b_data.ipynb #c035
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    "`messages` through the tokenizer's chat template; a system message its template refuses (Gemma's) opens the first user message."
+    """`messages` through the tokenizer's chat template; a system message its template refuses (Gemma's) opens the
+    first user message."""
     if not getattr(tokenizer, "chat_template", None):
-        raise SlmopsError(f"Tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use a text template instead.")
+        raise SlmopsError(
+            f"Tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use a text template instead.")
     from jinja2.exceptions import TemplateError
     try: return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError:
@@ -197,7 +213,8 @@ def chat_text(tokenizer, user: str, assistant: str | None = None, system: str | 
 
 # %% ../nbs/00b_data.ipynb #c036d
 def end_of_turn_id(tokenizer) -> int | None:
-    "The special token the chat template closes an answer with (`<|end|>`, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...)."
+    """The special token the chat template closes an answer with (`<|end|>`, `<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, `</s>`...)."""
     if not getattr(tokenizer, "chat_template", None): return None
     marker = "ANSWER-7f3a"
     text = chat_text(tokenizer, "x", marker)
@@ -213,7 +230,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 # %% ../nbs/00b_data.ipynb #c036i
 def load_chat_tokenizer(folder):
-    "The tokenizer of model `folder` for its chat template, stop tokens and counts, loaded without PyTorch where `tokenizer.json` is there."
+    """The tokenizer of model `folder` for its chat template, stop tokens and counts, loaded without PyTorch where
+    `tokenizer.json` is there."""
     folder = Path(folder)
     if (folder/"tokenizer.json").exists():
         from transformers import PreTrainedTokenizerFast  # here, and not AutoTokenizer: importing that imports PyTorch
@@ -225,7 +243,8 @@ def load_chat_tokenizer(folder):
 def workbench_records(name: str) -> list[dict]:
     "Records of a shipped workbench file (`tones_train`, `unlabeled`, `catalog`, ...)."
     f = DATA_DIR/f"{name}.jsonl"
-    if f.name not in WORKBENCH_FILES: raise DataError(f"No workbench data set {name!r}; known: {[w[:-6] for w in WORKBENCH_FILES]}.")
+    if f.name not in WORKBENCH_FILES:
+        raise DataError(f"No workbench data set {name!r}; known: {[w[:-6] for w in WORKBENCH_FILES]}.")
     return load_records(f)
 
 # %% ../nbs/00b_data.ipynb #c040
@@ -240,12 +259,14 @@ def instruction_split(split: str) -> list[dict]:
 # %% ../nbs/00b_data.ipynb #c044
 TASK_KINDS = ("classification", "generation")
 TASK_FIELDS = ("train_file", "validation_file", "test_file", "unlabeled_file", "input_column", "label_column",
-               "prompt_template", "system_prompt", "kind", "labels")  # what describes a task: parameters, or a task file's keys
+               # what describes a task: parameters, or a task file's keys
+               "prompt_template", "system_prompt", "kind", "labels")
 
 # %% ../nbs/00b_data.ipynb #c045
 @dataclass
 class Task:
-    "A task: its data (files, a hub data set, or the built-in tones), how a prompt is made, the answer column, its kind."
+    """A task: its data (files, a hub data set, or the built-in tones), how a prompt is made, the answer column, its
+    kind."""
     train_file: str = ""       # empty: the built-in tones
     _: KW_ONLY                 # the rest by name only: Task("train.csv", label_column="intent")
     validation_file: str = ""  # empty: carved from the train file
@@ -275,9 +296,11 @@ def _check_description(task: Task):
     given = [n for n in ("validation_file", "test_file", "unlabeled_file") if getattr(task, n)]
     if given: raise DataError(f"{given[0]} is set but train_file is not: set train_file too (the built-in tone "
                               "data is never mixed with yours).")
-    if (task.input_column, task.label_column, task.kind) != ("phrase", "tone", "classification") or task.prompt_template:
-        raise DataError(f"input_column={task.input_column!r}, label_column={task.label_column!r} describe your data: set train_file "
-                        "(and validation_file, test_file) too. The built-in tones have phrase and tone.")
+    if (task.input_column, task.label_column, task.kind) != ("phrase", "tone",
+                                                             "classification") or task.prompt_template:
+        raise DataError(
+            f"input_column={task.input_column!r}, label_column={task.label_column!r} describe your data: set train_file "
+            "(and validation_file, test_file) too. The built-in tones have phrase and tone.")
 
 # %% ../nbs/00b_data.ipynb #c049
 @patch
@@ -300,7 +323,9 @@ def messages(self: Task, record: dict, with_answer: bool = False) -> list[dict]:
 @patch
 def columns(self: Task) -> list[str]:
     "The columns the task reads: the template's (or the input column) and the answer column."
-    return [*(template_fields(self.prompt_template) if self.prompt_template else [self.input_column]), self.label_column]
+    return [
+        *(template_fields(self.prompt_template) if self.prompt_template else [self.input_column]), self.label_column
+    ]
 
 # %% ../nbs/00b_data.ipynb #c054
 @patch
@@ -310,21 +335,28 @@ def read_split(self: Task, source, split: str = "train") -> list[dict]:
     for i, r in enumerate(records, 1):
         for c in self.columns():
             if r.get(c) is None or not str(r[c]).strip():
-                raise DataError(f"{source}: record {i} has an empty {c!r} ({ {k: r[k] for k in list(r)[:3]} }); fill it in or "
-                                "remove that record.")
+                raise DataError(
+                    f"{source}: record {i} has an empty {c!r} ({ {k: r[k] for k in list(r)[:3]} }); fill it in or "
+                    "remove that record.")
         if self.kind == "classification" and "\n" in self.answer(r).strip():
             raise DataError(f"{source}: record {i}: the answer {self.answer(r)!r} holds a newline; a label is one line "
                             "(for free-text answers, set kind to generation).")
         if self.labels and self.kind == "classification" and self.answer(r) not in self.labels:
-            raise DataError(f"{source}: record {i}: the answer {self.answer(r)!r} is not one of the task's labels {self.labels}.")
+            raise DataError(
+                f"{source}: record {i}: the answer {self.answer(r)!r} is not one of the task's labels {self.labels}.")
     return records
 
 # %% ../nbs/00b_data.ipynb #c056
 BUILTIN_TASKS = {  # file names are in DATA_DIR
-    "tones": {"train_file": "tones_train.jsonl", "validation_file": "tones_validation.jsonl", "test_file": "tones_test.jsonl",
-              "unlabeled_file": "unlabeled.jsonl", "input_column": "phrase", "label_column": "tone"},
-    "shop_qa": {"train_file": "instructions_train.jsonl", "validation_file": "instructions_validation.jsonl",
-                "test_file": "instructions_test.jsonl", "input_column": "question", "label_column": "answer", "kind": "generation"}}
+    "tones": {
+        "train_file": "tones_train.jsonl", "validation_file": "tones_validation.jsonl", "test_file": "tones_test.jsonl",
+        "unlabeled_file": "unlabeled.jsonl", "input_column": "phrase", "label_column": "tone"
+    }, "shop_qa": {
+        "train_file": "instructions_train.jsonl", "validation_file": "instructions_validation.jsonl",
+        "test_file": "instructions_test.jsonl", "input_column": "question", "label_column": "answer",
+        "kind": "generation"
+    }
+}
 
 # %% ../nbs/00b_data.ipynb #c057
 @patch(cls_method=True)
@@ -345,19 +377,24 @@ def _load_splits(self: Task) -> dict:
     out = {s: self.read_split(f, s) for s, f in files.items() if f}
     answers = {self.answer(r) for r in out["train"]}
     if self.kind == "classification" and len(answers) < 2:
-        raise DataError(f"{self.train_file}: every answer in column {self.label_column!r} is {answers}; a classification task "
-                        "needs at least two labels.")
+        raise DataError(
+            f"{self.train_file}: every answer in column {self.label_column!r} is {answers}; a classification task "
+            "needs at least two labels.")
     if self.kind == "classification" and len(answers) > max(20, len(out["train"]) // 2):
-        raise DataError(f"{self.train_file}: {len(answers)} different answers in {len(out['train'])} examples are free text, not "
-                        "labels: set kind to generation.")
+        raise DataError(
+            f"{self.train_file}: {len(answers)} different answers in {len(out['train'])} examples are free text, not "
+            "labels: set kind to generation.")
     carve = [s for s, f in files.items() if not f]
     if carve:
         shares = {s: SPLIT_FRACTIONS[s] for s in ["train", *carve]}
         key = self.label_column if self.kind == "classification" else None
-        out.update(stratified_split(out["train"], key, {s: v / sum(shares.values()) for s, v in shares.items()}, self.seed))
+        out.update(
+            stratified_split(out["train"], key, {s: v / sum(shares.values())
+                                                 for s, v in shares.items()}, self.seed))
         for s in carve:
-            if not out[s]: raise DataError(f"{self.train_file}: {len(out['train'])} examples are too few to carve a {s} split "
-                                           f"from; add examples or set {s}_file.")
+            if not out[s]:
+                raise DataError(f"{self.train_file}: {len(out['train'])} examples are too few to carve a {s} split "
+                                f"from; add examples or set {s}_file.")
     return {s: out[s] for s in SPLIT_FRACTIONS}
 
 # %% ../nbs/00b_data.ipynb #c061
@@ -376,7 +413,8 @@ def classes(self: Task) -> list[str]:
 # %% ../nbs/00b_data.ipynb #c064
 @patch
 def unlabeled(self: Task) -> list[dict]:
-    "Records without answers for a teacher: the unlabeled file's (only the input columns are read), else the train split's, answers removed."
+    """Records without answers for a teacher: the unlabeled file's (only the input columns are read), else the train
+    split's, answers removed."""
     src = Task.named("tones") if self.builtin else self
     if src.unlabeled_file: return load_records(src.unlabeled_file, columns=self.columns()[:-1])
     return [{k: v for k, v in r.items() if k != self.label_column} for r in self.splits()["train"]]
@@ -384,24 +422,35 @@ def unlabeled(self: Task) -> list[dict]:
 # %% ../nbs/00b_data.ipynb #c066
 @patch
 def describe(self: Task) -> dict:
-    "What the task is, for `metrics.json` and `task.json`: its files (absolute), columns, kind, classes and split sizes."
+    """What the task is, for `metrics.json` and `task.json`: its files (absolute), columns, kind, classes and split
+    sizes."""
     d = {k: str(Path(v).resolve()) if k.endswith("_file") and v and Path(v).exists() else v
          for k, v in ((f.name, getattr(self, f.name)) for f in fields(self) if f.init)}
-    return {**d, "builtin": self.builtin, "classes": self.classes, "examples": {s: len(r) for s, r in self.splits().items()}}
+    return {
+        **d, "builtin": self.builtin, "classes": self.classes,
+        "examples": {s: len(r)
+                     for s, r in self.splits().items()}
+    }
 
 # %% ../nbs/00b_data.ipynb #c069
 def load_task(path) -> Task:
-    "A task from a YAML or JSON file (keys: TASK_FIELDS and seed; paths relative to the file's folder), or a built-in task's name."
+    """A task from a YAML or JSON file (keys: TASK_FIELDS and seed; paths relative to the file's folder), or a built-in
+    task's name."""
     if str(path) in BUILTIN_TASKS: return Task.named(str(path))
     p = Path(path).expanduser()
-    if not p.is_file(): raise DataError(f"{p}: task file not found (relative paths start at {Path.cwd()}); or name a built-in "
-                                        f"task: {', '.join(BUILTIN_TASKS)}.")
+    if not p.is_file():
+        raise DataError(f"{p}: task file not found (relative paths start at {Path.cwd()}); or name a built-in "
+                        f"task: {', '.join(BUILTIN_TASKS)}.")
     try: d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e: raise DataError(f"{p}: not a YAML or JSON task file ({e}).") from e
-    if not isinstance(d, dict): raise DataError(f"{p}: a task file holds keys such as train_file and label_column, got {type(d).__name__}.")
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not a YAML or JSON task file ({e}).") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{p}: a task file holds keys such as train_file and label_column, got {type(d).__name__}.")
     unknown = sorted(set(d) - {*TASK_FIELDS, "seed"})
-    if unknown: raise DataError(f"{p}: unknown key(s) {unknown}; a task file holds {', '.join((*TASK_FIELDS, 'seed'))}.")
-    for k in [k for k in d if k.endswith("_file") and d[k]]:  # a data file next to the task file (a hub id stays as it is)
+    if unknown:
+        raise DataError(f"{p}: unknown key(s) {unknown}; a task file holds {', '.join((*TASK_FIELDS, 'seed'))}.")
+    # a data file next to the task file (a hub id stays as it is)
+    for k in [k for k in d if k.endswith("_file") and d[k]]:
         f = Path(str(d[k])).expanduser()
         if not f.is_absolute() and ((p.parent/f).exists() or f.suffix.lower() in (".json", ".jsonl", ".csv")):
             d[k] = str((p.parent/f).resolve())
@@ -417,6 +466,7 @@ def task_from_params(task_file: str = "", seed: int = 0, **given) -> Task:
     if not task_file: return Task(**given, seed=seed)
     defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(Task)}
     clash = [k for k, v in given.items() if v != defaults[k]]
-    if clash: raise DataError(f"task_file={task_file!r} and {clash} are both set: describe the task in one place (the file, "
-                              "or the parameters).")
+    if clash:
+        raise DataError(f"task_file={task_file!r} and {clash} are both set: describe the task in one place (the file, "
+                        "or the parameters).")
     return load_task(task_file)

@@ -177,7 +177,8 @@ SENTIMENT = {"joy": "positive", "surprise": "positive", "sadness": "negative", "
 
 # %% ../nbs/00c_datagen.ipynb #c026
 def lexicon_sentences(per_tone: int = 60, seed: int = 0) -> list[str]:
-    "Sentences naming the generator's tone words (`thrilled, glad and elated are words of joy.`): a pretrained model's vocabulary knowledge."
+    """Sentences naming the generator's tone words (`thrilled, glad and elated are words of joy.`): a pretrained
+    model's vocabulary knowledge."""
     rng = random.Random(seed)
     out = []
     for tone, lex in _LEX.items():
@@ -188,26 +189,35 @@ def lexicon_sentences(per_tone: int = 60, seed: int = 0) -> list[str]:
 # %% ../nbs/00c_datagen.ipynb #d101
 _SLANG = {
     "joy": ["stoked", "buzzing", "hyped", "chuffed", "pumped", "vibing", "living my best life", "on top of the world"],
-    "sadness": ["gutted", "bummed", "in pieces", "down in the dumps", "wrecked", "crying in the car", "empty inside", "a mess"],
+    "sadness": [
+        "gutted", "bummed", "in pieces", "down in the dumps", "wrecked", "crying in the car", "empty inside", "a mess"
+    ],
     "anger": ["raging", "ticked off", "steaming", "seeing red", "so salty", "done with this", "heated", "losing it"],
-    "fear": ["freaking out", "spooked", "sweating bullets", "on pins and needles", "creeped out", "shaking", "scared stiff",
-             "panicking"],
-    "surprise": ["mind blown", "floored", "shook", "jaw on the floor", "doing a double take", "caught off guard", "plot twist",
-                 "no way"],
+    "fear": [
+        "freaking out", "spooked", "sweating bullets", "on pins and needles", "creeped out", "shaking", "scared stiff",
+        "panicking"
+    ],
+    "surprise": [
+        "mind blown", "floored", "shook", "jaw on the floor", "doing a double take", "caught off guard", "plot twist",
+        "no way"
+    ],
 }
 _TEXTING = ["ngl {event} has me {s}", "{event} tho. {s}", "lowkey {s} about {event} rn", "cant lie, {s} {time}",
             "{person} + {event} = {s}", "{s}!! {event}", "why am i {s} about {event} lol", "srsly {s} {time}",
             "{event}... {s}", "me after {event}: {s}"]
-_NEUTRAL_TEXTING = ["fyi {event} moved to {day}", "eta for {event} is {hour}", "pls sign the form for {event}",
-                    "{person} has the notes from {event}", "reminder: {event} {day} at {hour}", "ok so {event} is at {hour}",
-                    "{person} asked if {event} is still on", "link for {event} is in the chat"]
-SHIFT_WEIGHTS = {"anger": 0.3, "fear": 0.25, "sadness": 0.15, "neutral": 0.1, "joy": 0.1, "surprise": 0.1}  # a week of complaints
+_NEUTRAL_TEXTING = [
+    "fyi {event} moved to {day}", "eta for {event} is {hour}", "pls sign the form for {event}",
+    "{person} has the notes from {event}", "reminder: {event} {day} at {hour}", "ok so {event} is at {hour}",
+    "{person} asked if {event} is still on", "link for {event} is in the chat"
+]
+# a week of complaints
+SHIFT_WEIGHTS = {"anger": 0.3, "fear": 0.25, "sadness": 0.15, "neutral": 0.1, "joy": 0.1, "surprise": 0.1}
 
 def drifted_tone_example(rng: random.Random, tone: str) -> dict:
     "One phrase of `tone` as the drifted traffic writes it: new words, texting-style templates."
     tmpl = rng.choice(_NEUTRAL_TEXTING if tone == "neutral" else _TEXTING)
-    phrase = tmpl.format(event=rng.choice(_EVENTS), person=rng.choice(_PEOPLE), time=rng.choice(_TIMES), day=rng.choice(_DAYS),
-                         hour=rng.choice(_HOURS), s=rng.choice(_SLANG.get(tone, [""])))
+    phrase = tmpl.format(event=rng.choice(_EVENTS), person=rng.choice(_PEOPLE), time=rng.choice(_TIMES),
+                         day=rng.choice(_DAYS), hour=rng.choice(_HOURS), s=rng.choice(_SLANG.get(tone, [""])))
     return {"phrase": phrase, "tone": tone, "kind": "drifted"}
 
 def drifted_tones(n: int, seed: int = 0, weights: dict = SHIFT_WEIGHTS) -> list[dict]:
@@ -238,9 +248,10 @@ def _shop(rng: random.Random, n_products: int = 60, n_orders: int = 110):
     cats = {f"{a} {n}": c for a in _PRODUCT_ADJ for n, c in _PRODUCT_NOUN}
     products = []
     for name in rng.sample(names, n_products):
-        products.append(dict(name=name, category=cats[name], price=f"{rng.randint(9, 249)}.{rng.choice(['00', '49', '99'])}",
-            color=rng.choice(_COLORS), warranty=rng.choice([1, 2, 3, 5]), weight=f"{rng.randint(2, 95) / 10:.1f}",
-            stock=rng.choice(["in stock", "in stock", "out of stock", "low on stock"])))
+        products.append(
+            dict(name=name, category=cats[name], price=f"{rng.randint(9, 249)}.{rng.choice(['00', '49', '99'])}",
+                 color=rng.choice(_COLORS), warranty=rng.choice([1, 2, 3, 5]), weight=f"{rng.randint(2, 95) / 10:.1f}",
+                 stock=rng.choice(["in stock", "in stock", "out of stock", "low on stock"])))
     orders = []
     for oid in rng.sample(range(10000, 99999), n_orders):
         orders.append(dict(id=oid, product=rng.choice(products)["name"], status=rng.choice(_STATUS),
@@ -249,18 +260,25 @@ def _shop(rng: random.Random, n_products: int = 60, n_orders: int = 110):
 
 # %% ../nbs/00c_datagen.ipynb #c033
 _Q = {
-    "price": (["How much does the {name} cost?", "What is the price of the {name}?", "What's the {name} price?",
-               "How much is the {name}?"], "The {name} costs ${price}."),
-    "color": (["What color is the {name}?", "Which colour does the {name} come in?", "What is the color of the {name}?"],
-              "The {name} comes in {color}."),
-    "warranty": (["How long is the warranty on the {name}?", "What warranty does the {name} have?",
-                  "Is the {name} under warranty, and for how long?"], "The {name} has a {warranty}-year warranty."),
-    "category": (["Which category is the {name} in?", "What kind of product is the {name}?",
-                  "Where do I find the {name} in the shop?"], "The {name} is in the {category} category."),
-    "stock": (["Is the {name} in stock?", "Can I buy the {name} now?", "Do you have the {name} available?"],
-              "The {name} is {stock}."),
-    "weight": (["How heavy is the {name}?", "What does the {name} weigh?", "What is the weight of the {name}?"],
-               "The {name} weighs {weight} kg."),
+    "price": ([
+        "How much does the {name} cost?", "What is the price of the {name}?", "What's the {name} price?",
+        "How much is the {name}?"
+    ], "The {name} costs ${price}."),
+    "color": ([
+        "What color is the {name}?", "Which colour does the {name} come in?", "What is the color of the {name}?"
+    ], "The {name} comes in {color}."),
+    "warranty": ([
+        "How long is the warranty on the {name}?", "What warranty does the {name} have?",
+        "Is the {name} under warranty, and for how long?"
+    ], "The {name} has a {warranty}-year warranty."),
+    "category": ([
+        "Which category is the {name} in?", "What kind of product is the {name}?",
+        "Where do I find the {name} in the shop?"
+    ], "The {name} is in the {category} category."),
+    "stock": (["Is the {name} in stock?", "Can I buy the {name} now?",
+               "Do you have the {name} available?"], "The {name} is {stock}."),
+    "weight": (["How heavy is the {name}?", "What does the {name} weigh?",
+                "What is the weight of the {name}?"], "The {name} weighs {weight} kg."),
 }
 
 _QO = {
@@ -274,22 +292,28 @@ _QO = {
 
 # %% ../nbs/00c_datagen.ipynb #c034
 _POLICY = [
-    (["How many days do I have to return an item?", "What is your return window?", "Can I return something after a month?",
-      "How long can I wait before returning a product?"], "You can return any item within 30 days of delivery."),
-    (["Do I need the receipt to return an item?", "Can I return an item without a receipt?", "What do I need for a return?"],
-     "Returns need the order number; a receipt is not required."),
-    (["How long does shipping take?", "When will my order arrive?", "What are your delivery times?"],
-     "Standard shipping takes 3 to 5 business days."),
-    (["Is shipping free?", "Do you charge for delivery?", "How much is shipping?"],
-     "Shipping is free on orders over $50; otherwise it costs $4.99."),
+    ([
+        "How many days do I have to return an item?", "What is your return window?",
+        "Can I return something after a month?", "How long can I wait before returning a product?"
+    ], "You can return any item within 30 days of delivery."),
+    ([
+        "Do I need the receipt to return an item?", "Can I return an item without a receipt?",
+        "What do I need for a return?"
+    ], "Returns need the order number; a receipt is not required."),
+    (["How long does shipping take?", "When will my order arrive?",
+      "What are your delivery times?"], "Standard shipping takes 3 to 5 business days."),
+    (["Is shipping free?", "Do you charge for delivery?",
+      "How much is shipping?"], "Shipping is free on orders over $50; otherwise it costs $4.99."),
     (["How do I get a refund?", "When will I get my money back?", "How long do refunds take?"],
      "Refunds go back to the original payment method within 5 business days of the return."),
-    (["Can I exchange an item for another colour?", "Do you do exchanges?", "Can I swap my product for a different one?"],
-     "Yes, exchanges are free within 30 days if the item is unused."),
-    (["How do I contact support?", "What are your support hours?", "Can I talk to someone?"],
-     "Support answers by chat every day from 8 am to 8 pm."),
-    (["Can I cancel my order?", "How do I cancel an order?", "Is it too late to cancel?"],
-     "Orders can be cancelled until they are shipped."),
+    ([
+        "Can I exchange an item for another colour?", "Do you do exchanges?",
+        "Can I swap my product for a different one?"
+    ], "Yes, exchanges are free within 30 days if the item is unused."),
+    (["How do I contact support?", "What are your support hours?",
+      "Can I talk to someone?"], "Support answers by chat every day from 8 am to 8 pm."),
+    (["Can I cancel my order?", "How do I cancel an order?",
+      "Is it too late to cancel?"], "Orders can be cancelled until they are shipped."),
 ]
 
 # %% ../nbs/00c_datagen.ipynb #c035
@@ -301,7 +325,8 @@ def _instructions_and_catalog(rng: random.Random):
             for q in qs: qa.append({"question": q.format(**p), "answer": a.format(**p), "topic": f"product:{field}"})
     for o in orders:
         for field, (qs, a) in _QO.items():
-            for q in rng.sample(qs, 2): qa.append({"question": q.format(**o), "answer": a.format(**o), "topic": f"order:{field}"})
+            for q in rng.sample(qs, 2):
+                qa.append({"question": q.format(**o), "answer": a.format(**o), "topic": f"order:{field}"})
     for qs, a in _POLICY:
         for q in qs: qa.append({"question": q, "answer": a, "topic": "policy"})
     catalog = [{"text": f"The {p['name']} is a {p['color']} product in the {p['category']} category. "
@@ -313,7 +338,8 @@ def _instructions_and_catalog(rng: random.Random):
     return qa, catalog
 
 # %% ../nbs/00c_datagen.ipynb #c038
-def generate_workbench_data(out_dir=None, n_labeled: int = 3600, n_unlabeled: int = 6000, seed: int = DATA_SEED) -> dict:
+def generate_workbench_data(out_dir=None, n_labeled: int = 3600, n_unlabeled: int = 6000,
+                            seed: int = DATA_SEED) -> dict:
     "Write the workbench data files into `out_dir` (default: the package's data folder); return counts."
     out_dir = Path(out_dir or DATA_DIR)
     rng = random.Random(seed)

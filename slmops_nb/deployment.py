@@ -19,6 +19,7 @@ import numpy as np
 
 from .adapt import finetune, merge_adapter
 from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
+from .child import child_command
 from .core import SlmopsError, atomic_dir, cache_root, read_json, write_json
 from .data import Task
 from .evaluate import POINTS
@@ -42,16 +43,18 @@ GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export 
 EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"default": 10**9, "smoke": 64},
                 "server_requests": {"default": 200, "smoke": 24}, "soak_requests": {"default": 500, "smoke": 50},
                 "teacher_inputs": {"default": 64, "smoke": 16},  # inputs the served model labels as a teacher
-                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,)},  # int4 RTN variants: each symmetric and not
+                # int4 RTN variants: each symmetric and not
+                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,)},
                 "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m")},
                 # when chapter 03 did not run: its training, shrunk as chapter 03 shrinks it
                 "finetune_epochs": {"default": 5, "smoke": 1}, "qa_epochs": {"default": 2, "smoke": 1},
                 "train_limit": {"default": 10**9, "smoke": 256}}
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
-def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, epochs: float = 5, qa_epochs: float = 2,
-                     train_limit: int | None = None) -> dict:
-    "The run's merged model, task and qa adapters, their task and base, from the manifest; trained into `chapter_out/finetuned` if missing."
+def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, epochs: float = 5,
+                     qa_epochs: float = 2, train_limit: int | None = None) -> dict:
+    """The run's merged model, task and qa adapters, their task and base, from the manifest; trained into
+    `chapter_out/finetuned` if missing."""
     names = ("merged_model", "task_adapter", "qa_adapter")
     found = {n: find_artifact(chapter_out, n) for n in names}
     if all(found.values()):
@@ -59,8 +62,10 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
         made = Task.from_dict(read_json(task_file)) if task_file else Task()
         if task is not None and task != made:
             made_by = artifact_record(chapter_out, "merged_model")["chapter"]
-            raise SlmopsError(f"Chapter {made_by[:2]} in {run_folder(chapter_out)} fine-tuned on {made}, but this chapter was asked "
-                              f"to use {task}: pass the same data parameters to both chapters, or set model_dir to the model you mean.")
+            raise SlmopsError(
+                f"Chapter {made_by[:2]} in {run_folder(chapter_out)} fine-tuned on {made}, but this chapter was asked "
+                f"to use {task}: pass the same data parameters to both chapters, or set model_dir to the model you mean."
+            )
         return {**found, "task": made, "base": artifact_record(chapter_out, "task_adapter").get("base_model", base)}
     task, out = task or Task(), Path(chapter_out)/"finetuned"
     base = task_model(base, task)  # workbench:base for your task: the base after it read your task's inputs
@@ -73,7 +78,10 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
     qa = {s: task_examples(tok, shop_qa, shop_qa.splits()[s][:train_limit], 128) for s in ("train", "validation")}
     finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", epochs=qa_epochs, lr=1e-3, dropout=0.0)
     write_json(out/"task.json", task.describe())
-    made = {"merged_model": out/"merged", "task_adapter": out/"task"/"model", "qa_adapter": out/"qa"/"model", "task": out/"task.json"}
+    made = {
+        "merged_model": out / "merged", "task_adapter": out / "task" / "model", "qa_adapter": out / "qa" / "model",
+        "task": out / "task.json"
+    }
     for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base), method="lora")
     return {**{n: made[n] for n in names}, "task": task, "base": str(base)}
 
@@ -82,12 +90,14 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 def check_int4(block_size: int, symmetric: bool):
     "int4 settings the ModelBuilder accepts."
-    if block_size not in BLOCK_SIZES: raise SlmopsError(f"int4 block size must be one of {BLOCK_SIZES}, got {block_size!r}.")
+    if block_size not in BLOCK_SIZES:
+        raise SlmopsError(f"int4 block size must be one of {BLOCK_SIZES}, got {block_size!r}.")
     if not isinstance(symmetric, bool): raise SlmopsError(f"symmetric must be True or False, got {symmetric!r}.")
 
 # %% ../nbs/04_deployment.ipynb #f4a031
 def builder_architectures() -> list[str]:
-    "The model architectures the installed ONNX Runtime GenAI builder exports, read from its source (importing it would set up logging)."
+    """The model architectures the installed ONNX Runtime GenAI builder exports, read from its source (importing it
+    would set up logging)."""
     from importlib.util import find_spec
     source = Path(find_spec("onnxruntime_genai.models.builder").origin).read_text(encoding="utf-8")
     return sorted(set(re.findall(r'architectures\[0\] == "(\w+)"', source)))
@@ -98,17 +108,20 @@ def check_exportable(model) -> str:
     from transformers import AutoConfig
     arch = (AutoConfig.from_pretrained(resolve_model(model)).architectures or ["(none in config.json)"])[0]
     if arch not in builder_architectures():
-        raise SlmopsError(f"{model}: its architecture {arch} cannot be exported by ONNX Runtime GenAI's builder, which exports "
-                          f"{', '.join(a for a in builder_architectures() if a.endswith('ForCausalLM'))}. Deploy it with PyTorch "
-                          "(slmops serve --runtime pytorch) or choose a base of one of these architectures.")
+        raise SlmopsError(
+            f"{model}: its architecture {arch} cannot be exported by ONNX Runtime GenAI's builder, which exports "
+            f"{', '.join(a for a in builder_architectures() if a.endswith('ForCausalLM'))}. Deploy it with PyTorch "
+            "(slmops serve --runtime pytorch) or choose a base of one of these architectures.")
     return arch
 
 # %% ../nbs/04_deployment.ipynb #ex10
 def olive_build(model, out, precision: str = "int4", adapter_path=None, timeout: float | None = None) -> Path:
-    "`olive auto-opt` with the ModelBuilder on CPU: a GenAI folder at fp32 or int4; with `adapter_path`, also its `.onnx_adapter`."
+    """`olive auto-opt` with the ModelBuilder on CPU: a GenAI folder at fp32 or int4; with `adapter_path`, also its
+    `.onnx_adapter`."""
     if precision not in ("fp32", "int4"):
-        raise SlmopsError(f"olive_build makes fp32 or int4, not {precision!r}: int8 is olive_int8 applied to the fp32 folder "
-                          "(the ModelBuilder has no int8 on CPU).")
+        raise SlmopsError(
+            f"olive_build makes fp32 or int4, not {precision!r}: int8 is olive_int8 applied to the fp32 folder "
+            "(the ModelBuilder has no int8 on CPU).")
     args = ["auto-opt", "-m", Path(resolve_model(model)).resolve(), "--use_model_builder", "--precision", precision,
             "--device", "cpu", "--provider", "CPUExecutionProvider", "--log_level", 3]
     expect = list(GENAI_FILES)
@@ -120,12 +133,16 @@ def olive_build(model, out, precision: str = "int4", adapter_path=None, timeout:
 # %% ../nbs/04_deployment.ipynb #ex10b
 def olive_optimize(model, out, timeout: float | None = None) -> Path:
     "`olive optimize` to an fp32 GenAI folder with the ModelBuilder on CPU (the command that replaces `auto-opt`)."
-    return run_olive(["optimize", "-m", Path(resolve_model(model)).resolve(), "--precision", "fp32", "--exporter", "model_builder",
-                      "--device", "cpu", "--provider", "CPUExecutionProvider", "--log_level", 3], out, GENAI_FILES, timeout)
+    return run_olive([
+        "optimize", "-m",
+        Path(resolve_model(model)).resolve(), "--precision", "fp32", "--exporter", "model_builder", "--device", "cpu",
+        "--provider", "CPUExecutionProvider", "--log_level", 3
+    ], out, GENAI_FILES, timeout)
 
 # %% ../nbs/04_deployment.ipynb #ex10c
 def fit_genai_outputs(folder) -> dict:
-    "Point `genai_config.json` at the graph's outputs where a pass renamed one (Olive 0.13's RTN and HQQ passes turn `logits` into `logits_Q4`); returns {old: new}."
+    """Point `genai_config.json` at the graph's outputs where a pass renamed one (Olive 0.13's RTN and HQQ passes turn
+    `logits` into `logits_Q4`); returns {old: new}."""
     import onnx
     folder = check_genai_folder(folder)
     graph = {o.name for o in onnx.load(str(folder/"model.onnx"), load_external_data=False).graph.output}
@@ -135,8 +152,9 @@ def fit_genai_outputs(folder) -> dict:
         if "%d" in name or name in graph: continue  # a per-layer pattern, or an output the graph has
         found = [g for g in graph if g.startswith(name + "_")]
         if len(found) != 1:
-            raise SlmopsError(f"{folder}: genai_config.json names the output {name!r}, which model.onnx lacks (its outputs: "
-                              f"{', '.join(sorted(graph)[:4])}, ...): ONNX Runtime GenAI cannot run this folder.")
+            raise SlmopsError(
+                f"{folder}: genai_config.json names the output {name!r}, which model.onnx lacks (its outputs: "
+                f"{', '.join(sorted(graph)[:4])}, ...): ONNX Runtime GenAI cannot run this folder.")
         names[key] = moved[name] = found[0]
     if moved: write_json(folder/"genai_config.json", cfg)
     return moved
@@ -148,43 +166,52 @@ def runnable(out) -> Path:
     return Path(out)
 
 # %% ../nbs/04_deployment.ipynb #ex11
-def olive_quantize(fp32_folder, out, algorithm: str, precision: str, implementation: str, timeout: float | None = None) -> Path:
-    "`olive quantize` of a GenAI fp32 folder into a GenAI folder ONNX Runtime GenAI runs (a folder it cannot run is removed)."
+def olive_quantize(fp32_folder, out, algorithm: str, precision: str, implementation: str,
+                   timeout: float | None = None) -> Path:
+    """`olive quantize` of a GenAI fp32 folder into a GenAI folder ONNX Runtime GenAI runs (a folder it cannot run is
+    removed)."""
     fp32_folder = check_genai_folder(fp32_folder).resolve()
     return runnable(run_olive(["quantize", "-m", fp32_folder, "--algorithm", algorithm, "--precision", precision,
                                "--implementation", implementation, "--log_level", 3], out, GENAI_FILES, timeout))
 
 def olive_int8(fp32_folder, out, timeout: float | None = None) -> Path:
-    "Dynamic int8 weights (`olive quantize --algorithm rtn --precision int8 --implementation ort`) of a GenAI fp32 folder."
+    """Dynamic int8 weights (`olive quantize --algorithm rtn --precision int8 --implementation ort`) of a GenAI fp32
+    folder."""
     return olive_quantize(fp32_folder, out, "rtn", "int8", "ort", timeout)
 
 # %% ../nbs/04_deployment.ipynb #ex12
 def builder_config(model, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
                    quantize_embeddings: bool = True) -> dict:
     "An Olive workflow: the model through one `ModelBuilder` pass on the CPU (run it with `olive_run_config`)."
-    if precision not in ("fp32", "int4"): raise SlmopsError(f"The ModelBuilder makes fp32 or int4 on CPU, not {precision!r}.")
+    if precision not in ("fp32", "int4"):
+        raise SlmopsError(f"The ModelBuilder makes fp32 or int4 on CPU, not {precision!r}.")
     check_int4(block_size, symmetric)
     builder = {"type": "ModelBuilder", "precision": precision}
     if precision == "int4": builder.update(int4_block_size=block_size, int4_is_symmetric=symmetric,
                                            int4_op_types_to_quantize=["MatMul", "Gather"] if quantize_embeddings else ["MatMul"])
-    return olive_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(model)).resolve())}, {"builder": builder})
+    return olive_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(model)).resolve())},
+                          {"builder": builder})
 
 # %% ../nbs/04_deployment.ipynb #ex13
 def build_direct(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
                  quantize_embeddings: bool = True, timeout: float | None = None) -> Path:
     "`python -m onnxruntime_genai.models.builder` on a merged HF folder (no Olive); the folder is written atomically."
-    if precision not in ("fp32", "int4"): raise SlmopsError(f"The builder makes fp32 or int4 on CPU, not {precision!r}.")
+    if precision not in ("fp32", "int4"):
+        raise SlmopsError(f"The builder makes fp32 or int4 on CPU, not {precision!r}.")
     check_int4(block_size, symmetric)
     src = Path(resolve_model(model)).resolve()
-    return run_tool("builder", lambda tmp: [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", src, "-o", tmp,
-                                            "-p", precision, "-e", "cpu", "-c", tmp/".cache", "--extra_options",
-                                            f"int4_block_size={block_size}", f"int4_is_symmetric={str(symmetric).lower()}",
-                                            f"int4_op_types_to_quantize={'MatMul/Gather' if quantize_embeddings else 'MatMul'}"],
-                    out, GENAI_FILES, timeout, scratch=(".cache",))
+    return run_tool(
+        "builder", lambda tmp: [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", src, "-o", tmp, "-p", precision, "-e",
+            "cpu", "-c", tmp / ".cache", "--extra_options", f"int4_block_size={block_size}",
+            f"int4_is_symmetric={str(symmetric).lower()}",
+            f"int4_op_types_to_quantize={'MatMul/Gather' if quantize_embeddings else 'MatMul'}"
+        ], out, GENAI_FILES, timeout, scratch=(".cache", ))
 
 # %% ../nbs/04_deployment.ipynb #ex14
 def int4_limit(fp32_folder, block_size: int = 32, symmetric: bool = True) -> dict:
-    "The smallest int4 folder these weights allow: 2-D weights at 4 bits plus an fp32 scale per block (and a 4-bit zero point when asymmetric), the rest as it is."
+    """The smallest int4 folder these weights allow: 2-D weights at 4 bits plus an fp32 scale per block (and a 4-bit
+    zero point when asymmetric), the rest as it is."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
     folder = check_genai_folder(fp32_folder)
@@ -200,7 +227,8 @@ def int4_limit(fp32_folder, block_size: int = 32, symmetric: bool = True) -> dic
 
 # %% ../nbs/04_deployment.ipynb #ex15
 def exportable_adapter(adapter_dir, out) -> Path:
-    "A copy of a PEFT LoRA adapter without its lm_head part: ONNX Runtime GenAI 0.14.1's builder cannot export LoRA on lm_head."
+    """A copy of a PEFT LoRA adapter without its lm_head part: ONNX Runtime GenAI 0.14.1's builder cannot export LoRA
+    on lm_head."""
     from safetensors.torch import load_file, save_file
     src = Path(adapter_dir)
     cfg = read_json(src/"adapter_config.json")
@@ -213,23 +241,30 @@ def exportable_adapter(adapter_dir, out) -> Path:
     return Path(out)
 
 # %% ../nbs/04_deployment.ipynb #ex02
-def export_model(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True, tool: str = "olive") -> Path:
-    "A GenAI folder of a Hugging Face model: Olive's ModelBuilder pass (int8: fp32, then `olive quantize`), or the builder itself."
+def export_model(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
+                 tool: str = "olive") -> Path:
+    """A GenAI folder of a Hugging Face model: Olive's ModelBuilder pass (int8: fp32, then `olive quantize`), or the
+    builder itself."""
     if tool not in ("olive", "builder"): raise SlmopsError(f"tool must be olive or builder, got {tool!r}.")
-    if precision not in ("fp32", "int8", "int4"): raise SlmopsError(f"precision must be fp32, int8 or int4, got {precision!r}.")
+    if precision not in ("fp32", "int8", "int4"):
+        raise SlmopsError(f"precision must be fp32, int8 or int4, got {precision!r}.")
     check_int4(block_size, symmetric)
-    check_exportable(model)  # a folder that is not a model, or a model the builder cannot export, is refused before a tool starts
+    # a folder that is not a model, or a model the builder cannot export, is refused before a tool starts
+    check_exportable(model)
     if tool == "builder":
-        if precision == "int8": raise SlmopsError("The builder makes no int8 on CPU: use the olive tool (fp32, then olive quantize).")
+        if precision == "int8":
+            raise SlmopsError("The builder makes no int8 on CPU: use the olive tool (fp32, then olive quantize).")
         return build_direct(model, out, precision, block_size, symmetric)
-    if precision != "int8": return olive_run_config(builder_config(model, precision, block_size, symmetric), out, GENAI_FILES)
+    if precision != "int8":
+        return olive_run_config(builder_config(model, precision, block_size, symmetric), out, GENAI_FILES)
     fp32 = olive_run_config(builder_config(model, "fp32"), Path(out).with_name(Path(out).name + ".fp32"), GENAI_FILES)
     try: return olive_int8(fp32, out)
     finally: shutil.rmtree(fp32, ignore_errors=True)
 
 # %% ../nbs/04_deployment.ipynb #f4a010
 def export_variants(merged, base, adapters: dict, out, block_size: int = 32, symmetric: bool = True) -> dict:
-    "Every deployment variant of a merged model and its adapters, three conversions at a time: ORT fp32, int8, int4, builder int4, adapters."
+    """Every deployment variant of a merged model and its adapters, three conversions at a time: ORT fp32, int8, int4,
+    builder int4, adapters."""
     out = Path(out)
     check_exportable(merged)  # before any tool starts
     config = builder_config(merged, "int4", block_size, symmetric)
@@ -238,67 +273,96 @@ def export_variants(merged, base, adapters: dict, out, block_size: int = 32, sym
         return {"fp32": fp32, "int8": olive_int8(fp32, out/"ort_int8")}
     with ThreadPoolExecutor(3) as pool:
         t0 = time.perf_counter()
-        jobs = {"ort": pool.submit(fp32_and_int8), "int4": pool.submit(olive_run_config, config, out/"ort_int4", GENAI_FILES),
-                "builder_int4": pool.submit(build_direct, merged, out/"builder_int4", "int4", block_size, symmetric),
-                **{f"adapter_{k}": pool.submit(olive_build, base, out/f"base_fp32_{k}", "fp32",
-                                               adapter_path=exportable_adapter(v, out/f"adapter_{k}")) for k, v in adapters.items()}}
+        jobs = {
+            "ort": pool.submit(fp32_and_int8),
+            "int4": pool.submit(olive_run_config, config,
+                                out / "ort_int4", GENAI_FILES), "builder_int4": pool.submit(
+                                    build_direct, merged, out / "builder_int4", "int4", block_size, symmetric
+                                ), **{
+                                    f"adapter_{k}": pool.submit(
+                                        olive_build, base, out / f"base_fp32_{k}", "fp32", adapter_path=exportable_adapter(
+                                            v, out / f"adapter_{k}"))
+                                    for k, v in adapters.items()
+                                }
+        }
         done = {k: j.result() for k, j in jobs.items()}
     return {"ort": {**done["ort"], "int4": done["int4"]}, "builder_int4": done["builder_int4"], "config": config,
             "adapters": {k: done[f"adapter_{k}"] for k in adapters}, "seconds": time.perf_counter() - t0}
 
 # %% ../nbs/04_deployment.ipynb #fr01
 def genai_input(folder) -> dict:
-    "A GenAI folder as Olive's input model: its `model.onnx`, its other files (configs, tokenizer) carried into every output."
+    """A GenAI folder as Olive's input model: its `model.onnx`, its other files (configs, tokenizer) carried into every
+    output."""
     folder = check_genai_folder(folder).resolve()
     files = [str(f) for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith("model.onnx")]
-    return {"type": "ONNXModel", "model_path": str(folder), "onnx_file_name": "model.onnx", "model_attributes": {"additional_files": files}}
+    return {
+        "type": "ONNXModel", "model_path": str(folder), "onnx_file_name": "model.onnx",
+        "model_attributes": {"additional_files": files}
+    }
 
 # %% ../nbs/04_deployment.ipynb #fr02
 def quantize_genai(fp32_folder, out, variants: dict, timeout: float | None = None) -> dict[str, Path]:
-    "GenAI folders out/NAME from `fp32_folder` through Olive's weight-only passes, NAME: passes of `variants`, each runnable by ONNX Runtime GenAI; one Olive process for them all (`olive_run_configs`)."
+    """GenAI folders out/NAME from `fp32_folder` through Olive's weight-only passes, NAME: passes of `variants`, each
+    runnable by ONNX Runtime GenAI; one Olive process for them all (`olive_run_configs`)."""
     model = genai_input(fp32_folder)
-    built = olive_run_configs({name: olive_workflow(model, passes) for name, passes in variants.items()}, out, GENAI_FILES, timeout)
+    built = olive_run_configs({name: olive_workflow(model, passes)
+                               for name, passes in variants.items()}, out, GENAI_FILES, timeout)
     return {name: runnable(folder) for name, folder in built.items()}
 
 # %% ../nbs/04_deployment.ipynb #fr03
 def embedding_and_head(fp32_folder) -> tuple[str, str]:
-    "Node names of the token embedding (the `Gather` of a weight) and of `lm_head` (the `MatMul` that makes the logits) in a GenAI graph."
+    """Node names of the token embedding (the `Gather` of a weight) and of `lm_head` (the `MatMul` that makes the
+    logits) in a GenAI graph."""
     import onnx
     folder = check_genai_folder(fp32_folder)
     graph = onnx.load(str(folder/"model.onnx"), load_external_data=False).graph
-    weights, logits = {i.name for i in graph.initializer}, read_json(folder/"genai_config.json")["model"]["decoder"]["outputs"]["logits"]
+    weights, logits = {i.name
+                       for i in graph.initializer
+                       }, read_json(folder / "genai_config.json")["model"]["decoder"]["outputs"]["logits"]
     embed = [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
     head = [n.name for n in graph.node if n.op_type == "MatMul" and logits in n.output]
     if len(embed) != 1 or len(head) != 1:
-        raise SlmopsError(f"{folder}: expected one embedding Gather and one lm_head MatMul making {logits!r}, found {embed} and {head} "
-                          "(is it an fp32 folder from the ModelBuilder?).")
+        raise SlmopsError(
+            f"{folder}: expected one embedding Gather and one lm_head MatMul making {logits!r}, found {embed} and {head} "
+            "(is it an fp32 folder from the ModelBuilder?).")
     return embed[0], head[0]
 
 # %% ../nbs/04_deployment.ipynb #fr04
 def frontier_passes(fp32_folder, block_sizes=(16, 32, 64, 128), accuracy_level: int = 4) -> dict:
-    "The weight-only variants of a GenAI fp32 folder, as Olive passes by name: int4 RTN at each block size, symmetric or not; int4 with the embeddings and `lm_head` at int8; HQQ; k-quant."
+    """The weight-only variants of a GenAI fp32 folder, as Olive passes by name: int4 RTN at each block size, symmetric
+    or not; int4 with the embeddings and `lm_head` at int8; HQQ; k-quant."""
     rtn = lambda **kw: {"type": "OnnxBlockWiseRtnQuantization", "accuracy_level": accuracy_level, **kw}
     variants = {f"ort_int4_rtn_b{b}_{'sym' if sym else 'asym'}": {"rtn": rtn(block_size=b, is_symmetric=sym)}
                 for b in block_sizes for sym in (True, False)}
-    variants["ort_int4_mixed"] = {"int8": rtn(bits=8, block_size=32, nodes_to_include=list(embedding_and_head(fp32_folder))),
-                                  "int4": rtn(block_size=32)}  # the second pass finds those two already quantized
+    variants["ort_int4_mixed"] = {
+        "int8": rtn(bits=8, block_size=32, nodes_to_include=list(embedding_and_head(fp32_folder))),
+        "int4": rtn(block_size=32)
+    }  # the second pass finds those two already quantized
     for name, kind in (("hqq", "OnnxHqqQuantization"), ("kquant", "OnnxKQuantQuantization")):
         variants[f"ort_int4_{name}"] = {name: {"type": kind, "block_size": 32, "accuracy_level": accuracy_level}}
     return variants
 
 # %% ../nbs/04_deployment.ipynb #fr05
 def gptq_workflow(merged, data_file, text_template: str, samples: int = 128, max_seq_len: int = 128) -> dict:
-    "`olive optimize --precision int4`'s CPU recipe (GPTQ, then the ModelBuilder at int4), calibrated on `data_file` (texts by `text_template`) instead of wikitext-2 from the hub."
+    """`olive optimize --precision int4`'s CPU recipe (GPTQ, then the ModelBuilder at int4), calibrated on `data_file`
+    (texts by `text_template`) instead of wikitext-2 from the hub."""
     # group_size: the ModelBuilder's block (Olive's default, 128, must divide every layer's inputs: a small model's do not)
-    passes = {"gptq": {"type": "Gptq", "bits": 4, "sym": True, "group_size": 32, "data_config": "calibration"},
-              "model_builder": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32, "int4_accuracy_level": 4,
-                                "int4_op_types_to_quantize": ["MatMul", "Gather"]}}
-    return olive_workflow({"type": "HfModel", "model_path": str(Path(resolve_model(merged)).resolve())}, passes,
-                          data_configs=[text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")])
+    passes = {
+        "gptq": {"type": "Gptq", "bits": 4, "sym": True, "group_size": 32, "data_config": "calibration"},
+        "model_builder": {
+            "type": "ModelBuilder", "precision": "int4", "int4_block_size": 32, "int4_accuracy_level": 4,
+            "int4_op_types_to_quantize": ["MatMul", "Gather"]
+        }
+    }
+    return olive_workflow(
+        {"type": "HfModel", "model_path": str(Path(resolve_model(merged)).resolve())}, passes,
+        data_configs=[text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")])
 
 # %% ../nbs/04_deployment.ipynb #fr06
 def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128)) -> dict:
-    "Every frontier variant: the weight-only ones of the GenAI `fp32_folder` into out/frontier/NAME (one Olive process), GPTQ of `merged` into out/ort_int4_gptq beside it; {name: folder}. `calibration`: (data file, text template) for GPTQ."
+    """Every frontier variant: the weight-only ones of the GenAI `fp32_folder` into out/frontier/NAME (one Olive
+    process), GPTQ of `merged` into out/ort_int4_gptq beside it; {name: folder}. `calibration`: (data file, text
+    template) for GPTQ."""
     out = Path(out)
     with ThreadPoolExecutor(1) as side:
         gptq = side.submit(olive_run_config, gptq_workflow(merged, *calibration), out/"ort_int4_gptq", GENAI_FILES)
@@ -307,7 +371,9 @@ def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16
 
 # %% ../nbs/04_deployment.ipynb #fr10
 def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: float = 10):
-    "Size and speed vs quality of the frontier's rows, the recommended one in red; saved to `path` when given. Rows more than `span_points` below the best are named under the plot, not drawn: they would squash the rest into one line."
+    """Size and speed vs quality of the frontier's rows, the recommended one in red; saved to `path` when given. Rows
+    more than `span_points` below the best are named under the plot, not drawn: they would squash the rest into one
+    line."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
     metric, best = rows[0]["metric"], max(r["quality"] for r in rows)
@@ -315,15 +381,18 @@ def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: fl
     shown = [r for r in rows if r not in far]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in zip(axes, ("size_bytes", "tokens_per_second"), ("size on disk (MiB)", "decode tokens / s")):
-        for i, r in enumerate(sorted(shown, key=lambda r: r[key])):  # labels alternate above and below: neighbours overlap less
+        # labels alternate above and below: neighbours overlap less
+        for i, r in enumerate(sorted(shown, key=lambda r: r[key])):
             x, mine = (r[key] / 2**20 if key == "size_bytes" else r[key]), r["name"] == recommended
             ax.scatter(x, r["quality"], s=70 if mine else 30, c="tab:red" if mine else "tab:blue", zorder=3)
-            ax.annotate(r["name"].removeprefix("ort_").removeprefix("int4_"), (x, r["quality"]), textcoords="offset points",
-                        xytext=(4, (6, -11, 15, -20)[i % 4]), fontsize=7)
+            ax.annotate(r["name"].removeprefix("ort_").removeprefix("int4_"), (x, r["quality"]),
+                        textcoords="offset points", xytext=(4, (6, -11, 15, -20)[i % 4]), fontsize=7)
         ax.set(xlabel=label, ylabel=f"test {metric}", title=f"{label.split(' (')[0]} vs {metric}")
         ax.margins(x=0.12, y=0.3)
         if key == "size_bytes":  # fp32 is several times the rest: a log axis keeps the int4 sizes apart
-            ax.set_xscale("log"); ax.xaxis.set_major_formatter(ScalarFormatter()); ax.xaxis.set_minor_formatter(ScalarFormatter())
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
     if far: fig.text(0.5, 0.01, f"not drawn, more than {span_points:g} points below the best: "
                      + ", ".join(f"{r['name']} ({r['quality']:.3f})" for r in far), ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05 if far else 0, 1, 1))
@@ -334,17 +403,20 @@ def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: fl
 LLAMA_SDIST_DIR = Path(sys.prefix)/"share"/"slmops_nb"  # make setup keeps llama-cpp-python's source release here
 
 def llama_cpp_sources() -> Path:
-    "llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`), unpacked once into the cache from the source release of the installed llama-cpp-python that set-up keeps in `LLAMA_SDIST_DIR`."
+    """llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`), unpacked once into the cache from
+    the source release of the installed llama-cpp-python that set-up keeps in `LLAMA_SDIST_DIR`."""
     from importlib.metadata import PackageNotFoundError, version
     try: v = version("llama_cpp_python")
-    except PackageNotFoundError as e: raise SlmopsError("llama.cpp needs the llama extra: pip install 'slmops_nb[llama]'.") from e
+    except PackageNotFoundError as e:
+        raise SlmopsError("llama.cpp needs the llama extra: pip install 'slmops_nb[llama]'.") from e
     dest = cache_root()/f"llama.cpp-{v}"
     if (dest/"convert_hf_to_gguf.py").exists(): return dest
     sdist = next(iter(sorted(LLAMA_SDIST_DIR.glob(f"llama[-_]cpp[-_]python-{v}.tar.gz"))), None)
     if sdist is None:  # never fetched at run time: a run is offline
-        raise SlmopsError(f"llama.cpp's converter ships only in llama-cpp-python {v}'s source release, which is not in {LLAMA_SDIST_DIR}. "
-                          f"make setup puts it there; or, while online: pip download --no-deps --no-binary :all: "
-                          f"llama-cpp-python=={v} -d {LLAMA_SDIST_DIR}")
+        raise SlmopsError(
+            f"llama.cpp's converter ships only in llama-cpp-python {v}'s source release, which is not in {LLAMA_SDIST_DIR}. "
+            f"make setup puts it there; or, while online: pip download --no-deps --no-binary :all: "
+            f"llama-cpp-python=={v} -d {LLAMA_SDIST_DIR}")
     keep = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|conversion/|gguf-py/)")
     with tarfile.open(sdist) as src, atomic_dir(dest) as out:
         for m in src.getmembers():
@@ -355,39 +427,11 @@ def llama_cpp_sources() -> Path:
     return dest
 
 # %% ../nbs/04_deployment.ipynb #lc02
-# the converter, told the pre-tokenizer of a byte-level BPE whose vocabulary it does not know (it knows models by a hash of
-# their ids): `gpt-2` for GPT-2's regex, `qwen2` for Qwen2's; any other stays refused
-_CONVERT = r"""
-import json, runpy, sys
-QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-src = sys.argv.pop(1)
-sys.path[:0] = [src + "/gguf-py", src]
-from conversion import base
-known = base.TextModel.get_vocab_base_pre
-def pre_tokenizer(self, tokenizer):
-    try: return known(self, tokenizer)
-    except NotImplementedError:
-        pre = json.loads((self.dir_model/"tokenizer.json").read_text()).get("pre_tokenizer") or {}
-        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True): return "gpt-2"
-        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-        if ([p.get("type") for p in parts] == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == QWEN2
-                and not parts[1].get("use_regex", True)): return "qwen2"
-        raise
-base.TextModel.get_vocab_base_pre = pre_tokenizer
-sys.argv[0] = src + "/convert_hf_to_gguf.py"
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-# llama.cpp's quantizer through the binding (llama_model_quantize), in its own process: it logs every tensor
-_QUANTIZE = """
-import ctypes, sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3].upper())
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
-"""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 def gguf_export(model, out, types=GGUF_TYPES) -> dict:
-    "GGUF folders of a Hugging Face model by llama.cpp's converter (F16) and quantizer, each checked by `check_llama_cpp`: {type: out/gguf_TYPE}, each `model.gguf` and the tokenizer files."
+    """GGUF folders of a Hugging Face model by llama.cpp's converter (F16) and quantizer, each checked by
+    `check_llama_cpp`: {type: out/gguf_TYPE}, each `model.gguf` and the tokenizer files."""
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown: raise SlmopsError(f"Unknown GGUF types {unknown}: choose among {GGUF_TYPES}.")
     src, out = Path(resolve_model(model)).resolve(), Path(out)
@@ -397,18 +441,26 @@ def gguf_export(model, out, types=GGUF_TYPES) -> dict:
             for f in tokenizer: shutil.copy2(f, tmp/f.name)
             return command(tmp)
         return run
-    f16 = run_tool("convert", with_tokenizer(lambda tmp: [sys.executable, "-c", _CONVERT, llama_cpp_sources(), src, "--outfile",
-                                                          tmp/"model.gguf", "--outtype", "f16"]), out/"gguf_f16", ["model.gguf"])
-    folders = {"f16": f16} | {t: run_tool("quantize", with_tokenizer(lambda tmp, t=t: [sys.executable, "-c", _QUANTIZE, f16/"model.gguf",
-                                                                                      tmp/"model.gguf", t]), out/f"gguf_{t}", ["model.gguf"])
-                              for t in types if t != "f16"}
+
+    f16 = run_tool(
+        "convert",
+        with_tokenizer(lambda tmp: child_command("llama_convert", llama_cpp_sources(), src, "--outfile",
+                                                 tmp/"model.gguf", "--outtype", "f16")), out/"gguf_f16", ["model.gguf"])
+    folders = {"f16": f16} | {
+        t: run_tool(
+            "quantize",
+            with_tokenizer(lambda tmp, t=t: child_command("llama_quantize", f16/"model.gguf", tmp/"model.gguf", t)),
+            out / f"gguf_{t}", ["model.gguf"])
+        for t in types if t != "f16"
+    }
     return {t: check_llama_cpp(folders[t]) for t in types}
 
 # %% ../nbs/04_deployment.ipynb #st02
 DECODE_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")  # the builder's names
 
 def decode_step_inputs(graph, past_len: int = 32) -> dict:
-    "A decoder's inputs for one decode step, read off its `graph` (a model.onnx): {name: (shape, dtype)}, one new token after a KV cache of `past_len`."
+    """A decoder's inputs for one decode step, read off its `graph` (a model.onnx): {name: (shape, dtype)}, one new
+    token after a KV cache of `past_len`."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
     size = dict(zip(DECODE_DIMS, (1, 1, past_len, past_len + 1)))
@@ -422,45 +474,61 @@ def decode_step_inputs(graph, past_len: int = 32) -> dict:
 
 # %% ../nbs/04_deployment.ipynb #st02b
 def session_tuning_workflow(graph_folder, threads, past_len: int = 32, samples: int = 128) -> dict:
-    "An Olive workflow: `OrtSessionParamsTuning` over intra-op `threads` for `graph_folder`'s decoder, each setting timed by Olive's latency evaluator on `samples` decode steps (`decode_step_inputs`)."
+    """An Olive workflow: `OrtSessionParamsTuning` over intra-op `threads` for `graph_folder`'s decoder, each setting
+    timed by Olive's latency evaluator on `samples` decode steps (`decode_step_inputs`)."""
     inputs = decode_step_inputs(Path(graph_folder)/"model.onnx", past_len)
     steps = {"name": "decode_steps", "type": "DummyDataContainer",  # torch.ones of each shape: token id 1, a full mask
              "load_dataset_config": {"input_names": list(inputs), "input_shapes": [s for s, _ in inputs.values()],
                                      "input_types": [t for _, t in inputs.values()], "max_samples": samples}}
     tune = {"type": "OrtSessionParamsTuning", "data_config": "decode_steps", "intra_thread_num_list": list(threads),
-            "inter_thread_num_list": [1], "execution_mode_list": [0]}  # sequential, one operator at a time: as GenAI runs
+            # sequential, one operator at a time: as GenAI runs
+            "inter_thread_num_list": [1], "execution_mode_list": [0]}
     # the evaluator's type, set: left out, Olive 0.13 reads its None as a resource path's type and fails before it starts
-    latency = {"type": "OnnxEvaluator", "metrics": [{"name": "latency", "type": "latency", "data_config": "decode_steps",
-                                                      "sub_types": [{"name": "avg", "priority": 1}]}]}
+    latency = {
+        "type": "OnnxEvaluator", "metrics": [{
+            "name": "latency", "type": "latency", "data_config": "decode_steps",
+            "sub_types": [{"name": "avg", "priority": 1}]
+        }]
+    }
     graph = {"type": "ONNXModel", "model_path": str(Path(graph_folder).resolve()), "onnx_file_name": "model.onnx"}
-    return olive_workflow(graph, {"tune": tune}, data_configs=[steps], evaluators={"latency": latency}, evaluator="latency",
-                          search_strategy={"execution_order": "joint", "sampler": "sequential"})
+    return olive_workflow(graph, {"tune": tune}, data_configs=[steps], evaluators={"latency": latency},
+                          evaluator="latency", search_strategy={"execution_order": "joint", "sampler": "sequential"})
 
 # %% ../nbs/04_deployment.ipynb #st03
 def tune_session_params(folder, out, threads=None, timeout: float | None = None) -> dict:
-    "Olive's session tuning of a GenAI folder's decoder over intra-op thread counts (1 to every logical core by default): the latency per decode step with ONNX Runtime's defaults and with each count, and the settings Olive chose."
+    """Olive's session tuning of a GenAI folder's decoder over intra-op thread counts (1 to every logical core by
+    default): the latency per decode step with ONNX Runtime's defaults and with each count, and the settings Olive
+    chose."""
     folder = check_genai_folder(folder).resolve()
     threads = list(threads or range(1, (os.cpu_count() or 1) + 1))
     # the decoder alone as Olive's input: Olive copies its input folder into the output, where the folder's own
     # footprint.json (from the run that built it) would replace this run's
     with tempfile.TemporaryDirectory() as graph:
         for f in folder.glob("model.onnx*"): os.symlink(f, Path(graph)/f.name)
-        res = olive_run_config(session_tuning_workflow(graph, threads), out, ["footprint.json", "model_config.json"], timeout)
+        res = olive_run_config(session_tuning_workflow(graph, threads), out, ["footprint.json", "model_config.json"],
+                               timeout)
     for f in res.glob("model.onnx*"): f.unlink()  # Olive's copy of the graph: the settings are the result
     nodes = read_json(res/"footprint.json").values()  # {model id: what Olive ran and measured}
     def ms(n): return n["metrics"]["value"]["latency-avg"]["value"]
     points = sorted(({"intra_op_num_threads": n["pass_run_config"]["intra_thread_num_list"], "latency_ms": ms(n)}
-                     for n in nodes if n["from_pass"] == "ortsessionparamstuning" and n.get("metrics")), key=lambda p: p["intra_op_num_threads"])
-    if len(points) != len(threads): raise ToolError(f"Olive's session tuning measured {len(points)} of {len(threads)} settings; see {res}.olive.log.")
+                     for n in nodes if n["from_pass"] == "ortsessionparamstuning" and n.get("metrics")),
+                    key=lambda p: p["intra_op_num_threads"])
+    if len(points) != len(threads):
+        raise ToolError(
+            f"Olive's session tuning measured {len(points)} of {len(threads)} settings; see {res}.olive.log.")
     chosen = read_json(res/"model_config.json")["config"]["inference_settings"]["session_options"]
     return {"default_latency_ms": next(ms(n) for n in nodes if n["from_pass"] is None), "points": points,
             "chosen": {k: v for k, v in chosen.items() if v is not None}}
 
 # %% ../nbs/04_deployment.ipynb #st05
-SESSION_THREADS = ("intra_op_num_threads", "inter_op_num_threads")  # the session options genai_config.json takes from Olive's
+# the session options genai_config.json takes from Olive's
+SESSION_THREADS = ("intra_op_num_threads", "inter_op_num_threads")
 
 def with_session_options(folder, out, options: dict) -> Path:
-    "A copy of GenAI `folder` (`genai_copy`: its files hard-linked) whose decoder runs with the ONNX Runtime session `options`."
+    """A copy of GenAI `folder` (`genai_copy`: its files hard-linked) whose decoder runs with the ONNX Runtime session
+    `options`."""
     unknown = set(options) - set(SESSION_THREADS)
-    if unknown: raise SlmopsError(f"Session options {sorted(unknown)} are not set here: choose among {SESSION_THREADS}.")
-    return genai_copy(folder, out, lambda cfg: cfg["model"]["decoder"].setdefault("session_options", {}).update(options))
+    if unknown:
+        raise SlmopsError(f"Session options {sorted(unknown)} are not set here: choose among {SESSION_THREADS}.")
+    return genai_copy(folder, out,
+                      lambda cfg: cfg["model"]["decoder"].setdefault("session_options", {}).update(options))

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .core import SlmopsError, atomic_dir, atomic_write_text, seed_everything, side_by_side
+from .core import SlmopsError, atomic_dir, atomic_write_text, seed_everything
+from .parallel import side_by_side
 from .data import Task, stratified_split, write_jsonl
 from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model, save_model
@@ -32,7 +33,8 @@ DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {
 
 # %% ../nbs/02_distillation.ipynb #f2a050
 def gold_subset(task: Task, records: list[dict], size: int, seed: int = 0) -> list[dict]:
-    "`size` of `records` for the gold-only student (stratified by label for a classifier); all of them when there are fewer."
+    """`size` of `records` for the gold-only student (stratified by label for a classifier); all of them when there are
+    fewer."""
     if size >= len(records): return list(records)
     key = task.label_column if task.kind == "classification" else None
     return stratified_split(records, key, {"gold": size / len(records), "rest": 1 - size / len(records)}, seed)["gold"]
@@ -40,7 +42,8 @@ def gold_subset(task: Task, records: list[dict], size: int, seed: int = 0) -> li
 # %% ../nbs/02_distillation.ipynb #74a664d1
 def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key: str = "", max_new_tokens: int = 8,
                      concurrency: int = 4, system: str | None = None) -> list[dict]:
-    "Greedy answers of an OpenAI-compatible chat endpoint, in `generate_answers`' form (confidence 1, finished = stopped)."
+    """Greedy answers of an OpenAI-compatible chat endpoint, in `generate_answers`' form (confidence 1, finished =
+    stopped)."""
     from concurrent.futures import ThreadPoolExecutor
     from openai import OpenAI
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2)
@@ -55,13 +58,17 @@ def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key
 
 # %% ../nbs/02_distillation.ipynb #f2a011
 def teacher_answers(task: Task, records: list[dict], teacher=None, tokenizer=None, url: str = "", url_model: str = "",
-                    api_key: str = "", max_new_tokens: int = 0, batch_size: int = 128, progress: bool = False) -> list[dict]:
-    "The teacher's answer to each record's prompt, with the record: from the local `teacher` (with probabilities), or the endpoint at `url`."
+                    api_key: str = "", max_new_tokens: int = 0, batch_size: int = 128,
+                    progress: bool = False) -> list[dict]:
+    """The teacher's answer to each record's prompt, with the record: from the local `teacher` (with probabilities), or
+    the endpoint at `url`."""
     prompts, system = [task.prompt(r) for r in records], task.system_prompt or None
     budget = max_new_tokens or (answer_budget(tokenizer, task) if tokenizer is not None else 64)
     if url: answers = endpoint_answers(url, prompts, url_model, api_key, budget, system=system)
     elif teacher is None: raise SlmopsError("Stage 1 needs a teacher: a model and its tokenizer, or an endpoint url.")
-    else: answers = generate_answers(teacher, tokenizer, prompts, budget, batch_size, scores=True, progress=progress, system=system)
+    else:
+        answers = generate_answers(teacher, tokenizer, prompts, budget, batch_size, scores=True, progress=progress,
+                                   system=system)
     return [{**a, "record": r} for a, r in zip(answers, records)]
 
 # %% ../nbs/02_distillation.ipynb #4807a8bd
@@ -94,8 +101,10 @@ def _max_chars(task: Task) -> int:
     "A generator's answer over twice the longest train answer is over-long (no limit for a classifier)."
     return 2 * max(len(task.answer(r)) for r in task.splits()["train"]) if task.kind == "generation" else 0
 
-def validate_answers(answers: list[dict], task: Task | None = None, min_confidence: float = 0.0) -> tuple[list[dict], dict]:
-    "Well-formed answers as the task's records (the input's columns, the answer, the teacher's confidence), and the drops by reason."
+def validate_answers(answers: list[dict], task: Task | None = None,
+                     min_confidence: float = 0.0) -> tuple[list[dict], dict]:
+    """Well-formed answers as the task's records (the input's columns, the answer, the teacher's confidence), and the
+    drops by reason."""
     task = task or Task()
     limit = _max_chars(task)
     kept, dropped = [], dict.fromkeys(DROP_REASONS[task.kind], 0)
@@ -103,7 +112,10 @@ def validate_answers(answers: list[dict], task: Task | None = None, min_confiden
         reason = drop_reason(a, task, min_confidence, limit)
         if reason: dropped[reason] += 1; continue
         text = normalize_label(a["answer"], task.classes) if task.kind == "classification" else a["answer"].strip()
-        kept.append({**a.get("record", {task.input_column: a["prompt"]}), task.label_column: text, "confidence": round(a["confidence"], 4)})
+        kept.append({
+            **a.get("record", {task.input_column: a["prompt"]}), task.label_column: text,
+            "confidence": round(a["confidence"], 4)
+        })
     return kept, dropped
 
 # %% ../nbs/02_distillation.ipynb #d68b65c8
@@ -112,8 +124,10 @@ def synthesize(answers: list[dict], out_dir, task: Task | None = None, min_confi
     task = task or Task()
     kept, dropped = validate_answers(answers, task, min_confidence)
     if not kept:
-        raise SlmopsError(f"The teacher gave no usable answer out of {len(answers)} (dropped: {dropped}). "
-                          "Check the teacher (was it trained for this task?), its chat template and the task, or lower min_confidence.")
+        raise SlmopsError(
+            f"The teacher gave no usable answer out of {len(answers)} (dropped: {dropped}). "
+            "Check the teacher (was it trained for this task?), its chat template and the task, or lower min_confidence."
+        )
     rejects = [{**{k: v for k, v in a.items() if k != "record"}, "reason": r} for a in answers
                if (r := drop_reason(a, task, min_confidence, _max_chars(task)))]
     path = write_jsonl(Path(out_dir)/"synthetic.jsonl", kept)
@@ -124,23 +138,27 @@ def synthesize(answers: list[dict], out_dir, task: Task | None = None, min_confi
 STUDENT = WORKBENCH_PREFIX + "student"
 
 def make_student(student: str, teacher_tokenizer, seed: int = 0):
-    "A fresh student and its tokenizer: `workbench:student` is an untrained STUDENT_ARCH Llama on the teacher's tokenizer."
+    """A fresh student and its tokenizer: `workbench:student` is an untrained STUDENT_ARCH Llama on the teacher's
+    tokenizer."""
     if student == STUDENT: return new_model(teacher_tokenizer, STUDENT_ARCH, seed), teacher_tokenizer
     seed_everything(seed)
     return load_model(student), load_tokenizer(student)
 
 # %% ../nbs/02_distillation.ipynb #4c482d08
 def kd_loss(student_logits, teacher_logits, labels, alpha: float = 0.5, temperature: float = 2.0):
-    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels), over the positions that have a label; `teacher_logits` at every position, or at those positions only (`answer_logits`)."
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels), over the positions that have a label;
+    `teacher_logits` at every position, or at those positions only (`answer_logits`)."""
     if teacher_logits.dim() == 3 and student_logits.shape != teacher_logits.shape:
-        raise SlmopsError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ: logit KD needs one vocabulary (see check_same_vocabulary).")
+        raise SlmopsError(
+            f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: logit KD needs one vocabulary (see check_same_vocabulary).")
     mask = labels[:, 1:] != -100  # logits at position i predict token i + 1
     s, y = student_logits[:, :-1][mask], labels[:, 1:][mask]
     t = (teacher_logits if teacher_logits.dim() == 2 else teacher_logits[:, :-1][mask]).detach()
     if t.shape != s.shape:
-        raise SlmopsError(f"kd_loss: {tuple(t.shape)} teacher logits for {tuple(s.shape)} labelled positions of the student: "
-                          "the cached logits are of other examples or another vocabulary.")
+        raise SlmopsError(
+            f"kd_loss: {tuple(t.shape)} teacher logits for {tuple(s.shape)} labelled positions of the student: "
+            "the cached logits are of other examples or another vocabulary.")
     ce = F.cross_entropy(s, y)
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                   log_target=True, reduction="batchmean") * temperature ** 2
@@ -152,26 +170,31 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher=None, st
     tv, sv = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if tv != sv:
         diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:3]
-        raise SlmopsError(f"Logit KD needs one vocabulary: the teacher tokenizer has {len(tv)} tokens, the student "
-                          f"{len(sv)}, and they differ (for example {diff}). Use sequence-level KD (it needs only the "
-                          "teacher's text: kd_methods=['gold_only', 'seq_kd']), or a student of the teacher's family (same tokenizer).")
+        raise SlmopsError(
+            f"Logit KD needs one vocabulary: the teacher tokenizer has {len(tv)} tokens, the student "
+            f"{len(sv)}, and they differ (for example {diff}). Use sequence-level KD (it needs only the "
+            "teacher's text: kd_methods=['gold_only', 'seq_kd']), or a student of the teacher's family (same tokenizer)."
+        )
     if teacher is not None and student is not None:
         tn, sn = teacher.get_output_embeddings().out_features, student.get_output_embeddings().out_features
         if tn != sn:
-            raise SlmopsError(f"Logit KD needs one vocabulary: the teacher outputs {tn} logits per token, the student "
-                              f"{sn}. Resize the student (model.resize_token_embeddings({tn})) or use sequence-level KD "
-                              "(kd_methods=['gold_only', 'seq_kd']).")
+            raise SlmopsError(
+                f"Logit KD needs one vocabulary: the teacher outputs {tn} logits per token, the student "
+                f"{sn}. Resize the student (model.resize_token_embeddings({tn})) or use sequence-level KD "
+                "(kd_methods=['gold_only', 'seq_kd']).")
 
 # %% ../nbs/02_distillation.ipynb #d26fa4d1
 class DistillTrainer(Trainer):
-    "A Trainer whose loss is `kd_loss` against a frozen teacher's logits (token-level KD): the batch's cached `teacher_logits` when its examples carry them, else the `teacher`'s answer to the batch."
+    """A Trainer whose loss is `kd_loss` against a frozen teacher's logits (token-level KD): the batch's cached
+    `teacher_logits` when its examples carry them, else the `teacher`'s answer to the batch."""
     def __init__(self, *args, teacher=None, alpha: float = 0.5, temperature: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}  # padded, or one row with positions
+        # padded, or one row with positions
+        batch = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
         out = model(**batch)
         teacher_logits = inputs.get("teacher_logits")
         if teacher_logits is None:
@@ -185,7 +208,8 @@ def labelled_positions(example: dict) -> int:
     return sum(y != -100 for y in example["labels"][1:])
 
 def answer_logits(teacher, tokenizer, examples: list[dict], batch_size: int = 64) -> list[torch.Tensor]:
-    "The teacher's logits (on the CPU) at the labelled positions of each encoded example: one tensor of (positions, vocabulary) each."
+    """The teacher's logits (on the CPU) at the labelled positions of each encoded example: one tensor of (positions,
+    vocabulary) each."""
     collate, logits = PadCollator(tokenizer.pad_token_id), []
     teacher.eval()
     with torch.no_grad():
@@ -197,7 +221,8 @@ def answer_logits(teacher, tokenizer, examples: list[dict], batch_size: int = 64
 
 def save_answer_logits(teacher, tokenizer, records: list[dict], path, *, task: Task | None = None, max_length: int = 0,
                        max_gib: float = 1.0) -> Path | None:
-    "`answer_logits` of `records` as `train_student` encodes them, written to `path` for the logit-KD students; None (nothing written) when they would take more than `max_gib`."
+    """`answer_logits` of `records` as `train_student` encodes them, written to `path` for the logit-KD students; None
+    (nothing written) when they would take more than `max_gib`."""
     examples = task_examples(tokenizer, task or Task(), records, max_length)
     size = sum(map(labelled_positions, examples)) * teacher.get_output_embeddings().out_features * 4
     if size > max_gib * 2**30: return None
@@ -216,63 +241,81 @@ KD_METHODS = ("gold_only", "seq_kd", "logit_kd")
 
 def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
     if len(logits) != len(examples) or any(len(t) != labelled_positions(e) for e, t in zip(examples, logits)):
-        raise SlmopsError(f"teacher_logits: cached for other examples ({len(logits)} for {len(examples)} records, or other "
-                          "answers). Compute them again from these records (save_answer_logits), or pass the teacher.")
+        raise SlmopsError(
+            f"teacher_logits: cached for other examples ({len(logits)} for {len(examples)} records, or other "
+            "answers). Compute them again from these records (save_answer_logits), or pass the teacher.")
     return [{**e, "teacher_logits": t} for e, t in zip(examples, logits)]
 
-def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None, teacher_logits=None,
-                  alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 32,
-                  seed: int = 0, max_length: int = 0, task: Task | None = None, **training_args) -> dict:
-    "Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records; `max_length` 0: no answer cut, however long."
+def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None,
+                  teacher_logits=None, alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3,
+                  batch_size: int = 32, seed: int = 0, max_length: int = 0, task: Task | None = None,
+                  **training_args) -> dict:
+    """Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD
+    against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records; `max_length` 0: no
+    answer cut, however long."""
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
     if steps < 1: raise SlmopsError(f"steps must be at least 1, got {steps}.")
     examples = task_examples(tokenizer, task or Task(), records, max_length)
     extra = {}
     if method == "logit_kd":
         if teacher is None and teacher_logits is None:
-            raise SlmopsError("logit_kd needs the teacher model (teacher=...) or its cached logits (teacher_logits=...).")
+            raise SlmopsError(
+                "logit_kd needs the teacher model (teacher=...) or its cached logits (teacher_logits=...).")
         if teacher_logits is not None: examples = _with_teacher_logits(examples, teacher_logits)
-        extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha, temperature=temperature))
+        extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha,
+                                                                     temperature=temperature))
     return train_causal_lm(student, tokenizer, examples, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            name=method, **extra, **training_args)
 
 # %% ../nbs/02_distillation.ipynb #f2a031
 def train_student_into(out, method: str, student: str, teacher, records: list[dict], *, steps: int, seed: int = 0,
                        device: str | None = None, teacher_logits_file=None, **train_args) -> dict:
-    "A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train seconds and trainer."
+    """A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or
+    hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train seconds and trainer."""
     teacher_tok = load_tokenizer(teacher)
     model, tok = make_student(student, teacher_tok, seed)
     cached = load_answer_logits(teacher_logits_file) if method == "logit_kd" and teacher_logits_file else None
     teacher_model = load_model(teacher, device=device) if method == "logit_kd" and cached is None else None
-    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, teacher_logits=cached, seed=seed, **train_args)
+    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, teacher_logits=cached,
+                        seed=seed, **train_args)
     with atomic_dir(out) as tmp: save_model(model, tok, tmp)
     return {"folder": Path(out), "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
 
-def train_students(methods, student: str, teacher, gold: list[dict], synthetic: list[dict], out, *, steps: int, seed: int = 0,
-                   device: str | None = None, **train_args) -> dict:
-    "One fresh `student` per KD method, trained for `steps` `side_by_side` into `out/METHOD`: {method: {model, tokenizer, train_seconds, trainer, folder}}."
+def train_students(methods, student: str, teacher, gold: list[dict], synthetic: list[dict], out, *, steps: int,
+                   seed: int = 0, device: str | None = None, **train_args) -> dict:
+    """One fresh `student` per KD method, trained for `steps` `side_by_side` into `out/METHOD`: {method: {model,
+    tokenizer, train_seconds, trainer, folder}}."""
     from slmops_nb import distillation  # by module: the processes import what they run
     order = sorted(methods, key=lambda m: m != "logit_kd")
-    trained = side_by_side([(distillation.train_student_into, (Path(out)/m, m, student, teacher, gold if m == "gold_only" else synthetic),
+    trained = side_by_side([(distillation.train_student_into, (Path(out) / m, m, student, teacher,
+                                                               gold if m == "gold_only" else synthetic),
                              dict(steps=steps, seed=seed, device=device, **train_args)) for m in order])
     done = dict(zip(order, trained))
-    return {m: {**done[m], "model": load_model(done[m]["folder"], device=device), "tokenizer": load_tokenizer(done[m]["folder"])}
-            for m in methods}
+    return {
+        m: {
+            **done[m], "model": load_model(done[m]["folder"], device=device),
+            "tokenizer": load_tokenizer(done[m]["folder"])
+        }
+        for m in methods
+    }
 
 # %% ../nbs/02_distillation.ipynb #f2a041
 def distill_summary(results: dict, methods, metric: str = "accuracy") -> dict:
-    "The headline figures of `results` ({'teacher': ..., 'student_<method>': ...} from `evaluate_task` with latency) on `metric`."
+    """The headline figures of `results` ({'teacher': ..., 'student_<method>': ...} from `evaluate_task` with latency)
+    on `metric`."""
     best = max(methods, key=lambda m: results[f"student_{m}"][metric])
     kd = [m for m in methods if m != "gold_only"]
     bs, tr = results[f"student_{best}"], results["teacher"]
     points = POINTS[metric]
-    return {f"teacher_{metric}": tr[metric],
-            **{f"student_{m}_{metric}": results[f"student_{m}"][metric] for m in methods},
-            "best_student": best, "retention": bs[metric] / tr[metric],
-            "kd_gain_points": points * (max(results[f"student_{m}"][metric] for m in kd) - results["student_gold_only"][metric])
-                              if kd and "gold_only" in methods else None,
-            "param_ratio": bs["params"] / tr["params"], "latency_ratio": bs["latency_ms_p50"] / tr["latency_ms_p50"],
-            "memory_ratio": bs["memory_bytes"] / tr["memory_bytes"]}
+    return {
+        f"teacher_{metric}": tr[metric], **{f"student_{m}_{metric}": results[f"student_{m}"][metric]
+                                            for m in methods}, "best_student": best,
+        "retention": bs[metric] / tr[metric], "kd_gain_points": points *
+        (max(results[f"student_{m}"][metric]
+             for m in kd) - results["student_gold_only"][metric]) if kd and "gold_only" in methods else None,
+        "param_ratio": bs["params"] / tr["params"], "latency_ratio": bs["latency_ms_p50"] / tr["latency_ms_p50"],
+        "memory_ratio": bs["memory_bytes"] / tr["memory_bytes"]
+    }
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
 def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 32,
@@ -287,5 +330,6 @@ def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, l
     args = GKDConfig(output_dir=str(output_dir or tempfile.mkdtemp(prefix="slmops-gkd-")), max_steps=steps,
                      per_device_train_batch_size=batch_size, learning_rate=lr, temperature=temperature, lmbda=lmbda,
                      beta=beta, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, **training_defaults())
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                         processing_class=tokenizer)
     return run_trainer(trainer, "gkd")

@@ -24,9 +24,11 @@ __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_labe
 
 # %% ../nbs/00f_evaluate.ipynb #c005
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, chat: bool = True,
-                     scores: bool = False, progress: bool = False, system: str | None = None) -> list[dict]:
-    "Greedy answer to each prompt: `prompt`, `answer`, `finished` (the turn ended); with `scores`, its probability and its tokens' mean."
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
+                     chat: bool = True, scores: bool = False, progress: bool = False,
+                     system: str | None = None) -> list[dict]:
+    """Greedy answer to each prompt: `prompt`, `answer`, `finished` (the turn ended); with `scores`, its probability
+    and its tokens' mean."""
     texts = [chat_text(tokenizer, p, system=system) for p in prompts] if chat else list(prompts)
     stop, out = stop_token_ids(tokenizer), []
     for i in progress_bar(range(0, len(texts), batch_size), desc="answers", disable=not progress):
@@ -38,7 +40,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         for j, new in enumerate(gen.sequences[:, enc["input_ids"].shape[1]:].tolist()):
             end = next((k for k, t in enumerate(new) if t in stop), None)
             n = len(new) if end is None else end
-            a = {"prompt": prompts[i + j], "answer": tokenizer.decode(new[:n], skip_special_tokens=True).strip(), "finished": end is not None}
+            a = {
+                "prompt": prompts[i + j], "answer": tokenizer.decode(new[:n], skip_special_tokens=True).strip(),
+                "finished": end is not None
+            }
             if scores: a.update(confidence=math.exp(logp[j, :n].sum().item()) if n else 0.0,
                                 token_probability=math.exp(logp[j, :n].mean().item()) if n else 0.0)
             out.append(a)
@@ -48,8 +53,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, chat: bool = True,
              system: str | None = None, progress: bool = False) -> list[str]:
     "Greedy completions of `prompts` (user messages, wrapped in the chat template after `system` when `chat`)."
-    return [a["answer"] for a in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat, system=system,
-                                                  progress=progress)]
+    return [
+        a["answer"] for a in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat,
+                                              system=system, progress=progress)
+    ]
 
 # %% ../nbs/00f_evaluate.ipynb #c010
 def normalize_label(text: str, labels) -> str:
@@ -59,30 +66,36 @@ def normalize_label(text: str, labels) -> str:
 
 # %% ../nbs/00f_evaluate.ipynb #e001
 def label_tokens(tokenizer, labels) -> int:
-    "The generation budget of a classification answer: the longest label's tokens, and three more (the end of the turn, a stray full stop)."
-    if not labels: raise SlmopsError("A classification answer needs labels: the task has none (is it a generation task?).")
+    """The generation budget of a classification answer: the longest label's tokens, and three more (the end of the
+    turn, a stray full stop)."""
+    if not labels:
+        raise SlmopsError("A classification answer needs labels: the task has none (is it a generation task?).")
     return max(len(tokenizer(str(l), add_special_tokens=False)["input_ids"]) for l in labels) + 3
 
 # %% ../nbs/00f_evaluate.ipynb #c012
 def classify(model, tokenizer, prompts: list[str], labels, batch_size: int = 64, system: str | None = None,
              progress: bool = False) -> list[str]:
     "The label the model answers for each prompt (generated greedily, then matched to `labels`)."
-    answers = generate(model, tokenizer, prompts, max_new_tokens=label_tokens(tokenizer, labels), batch_size=batch_size, system=system,
-                       progress=progress)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=label_tokens(tokenizer, labels), batch_size=batch_size,
+                       system=system, progress=progress)
     return [normalize_label(a, labels) for a in answers]
 
 # %% ../nbs/00f_evaluate.ipynb #c014
 def accuracy(pred: list[str], gold: list[str]) -> float:
     "Share of exact matches (scikit-learn's accuracy_score)."
     from sklearn.metrics import accuracy_score
-    if len(pred) != len(gold) or not gold: raise SlmopsError(f"accuracy: {len(pred)} predictions for {len(gold)} labels.")
+    if len(pred) != len(gold) or not gold:
+        raise SlmopsError(f"accuracy: {len(pred)} predictions for {len(gold)} labels.")
     return float(accuracy_score(gold, pred))
 
 # %% ../nbs/00f_evaluate.ipynb #c016
 def label_scores(pred: list[str], gold: list[str], labels) -> dict:
     "Accuracy and macro F1 (scikit-learn) of predicted labels."
     from sklearn.metrics import f1_score
-    return {"accuracy": accuracy(pred, gold), "f1": f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0)}
+    return {
+        "accuracy": accuracy(pred, gold), "f1": f1_score(gold, pred, labels=list(labels), average="macro",
+                                                         zero_division=0)
+    }
 
 # %% ../nbs/00f_evaluate.ipynb #e011
 def class_report(pred: list[str], gold: list[str], labels) -> dict:
@@ -91,8 +104,13 @@ def class_report(pred: list[str], gold: list[str], labels) -> dict:
     labels = list(labels)
     seen = [p if p in labels else "other" for p in pred]
     report = classification_report(gold, seen, labels=labels, output_dict=True, zero_division=0)
-    return {"per_class": {l: report[l] for l in labels},
-            "confusion": {"labels": [*labels, "other"], "matrix": confusion_matrix(gold, seen, labels=[*labels, "other"]).tolist()}}
+    return {
+        "per_class": {l: report[l]
+                      for l in labels}, "confusion": {
+                          "labels": [*labels, "other"], "matrix": confusion_matrix(gold, seen,
+                                                                                   labels=[*labels, "other"]).tolist()
+                      }
+    }
 
 # %% ../nbs/00f_evaluate.ipynb #c019
 @torch.no_grad()
@@ -106,13 +124,15 @@ def answer_loss(model, tokenizer, examples: list[dict], batch_size: int = 64) ->
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         target = b["labels"][:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                 reduction="sum").item()
         count += int((target != -100).sum())
     return total / max(count, 1)
 
 # %% ../nbs/00f_evaluate.ipynb #c025
 def generation_scores(predictions: list[str], references: list[str]) -> dict:
-    "Exact match, corpus chrF and BLEU (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score) of `predictions` against `references`."
+    """Exact match, corpus chrF and BLEU (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score) of `predictions` against
+    `references`."""
     import sacrebleu
     from rouge_score import rouge_scorer
     if len(predictions) != len(references) or not references:
@@ -125,59 +145,75 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
 
 # %% ../nbs/00f_evaluate.ipynb #e021
 HEADLINE = {"classification": "accuracy", "generation": "chrf"}  # the metric a task of each kind is judged by
-POINTS = {"accuracy": 100, "chrf": 1}  # one point of each headline metric: accuracy is a share, chrF is out of 100 already
+# one point of each headline metric: accuracy is a share, chrF is out of 100 already
+POINTS = {"accuracy": 100, "chrf": 1}
 
 def task_answer(task: Task, text: str) -> str:
     "An answer as the task scores it: the label it names for a classifier, the text itself for a generator."
     return normalize_label(text, task.classes) if task.kind == "classification" else text
 
 def task_scores(task: Task, predictions: list[str], references: list[str], report: bool = False) -> dict:
-    "The scores of a task's answers by its kind (with `report`, a classifier's per-class report and confusion matrix too)."
+    """The scores of a task's answers by its kind (with `report`, a classifier's per-class report and confusion matrix
+    too)."""
     if task.kind == "generation": return generation_scores(predictions, references)
     return {**label_scores(predictions, references, task.classes),
             **(class_report(predictions, references, task.classes) if report else {})}
 
 # %% ../nbs/00f_evaluate.ipynb #e022b
 def chance_level(task: Task, records: list[dict]) -> float:
-    "What a model that learned nothing scores on `records`: the commonest label's share (a classifier); 0 for a generator."
+    """What a model that learned nothing scores on `records`: the commonest label's share (a classifier); 0 for a
+    generator."""
     if task.kind != "classification": return 0.0
     answers = [task.answer(r) for r in records]
     return max(map(answers.count, set(answers))) / len(answers)
 
 def learning_warning(task: Task, records: list[dict], scores: dict, teacher: float | None = None,
                      predictions: dict | None = None) -> str | None:
-    "A warning when every model of `scores` ({name: the task's metric on `records`}) is at chance or below, and the `teacher` above; else None."
+    """A warning when every model of `scores` ({name: the task's metric on `records`}) is at chance or below, and the
+    `teacher` above; else None."""
     chance = chance_level(task, records)
     if not scores or max(scores.values()) > chance or (teacher is not None and teacher <= chance): return None
-    said = (f"every model ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())}) scores at chance ({chance:.3f}) or below"
-            + (f" while the teacher scores {teacher:.3f}" if teacher is not None else ""))
+    said = (
+        f"every model ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())}) scores at chance ({chance:.3f}) or below"
+        + (f" while the teacher scores {teacher:.3f}" if teacher is not None else ""))
     answers = [a for pred in (predictions or {}).values() for a in pred]
     if task.kind == "classification" and answers:
-        said += (f"; {sum(a not in task.classes for a in answers) / len(answers):.0%} of their answers are no label: they never "
-                 "learned to write the labels (too few steps for labels of many tokens, or a tokenizer that does not read the "
-                 "task's script)")
+        said += (
+            f"; {sum(a not in task.classes for a in answers) / len(answers):.0%} of their answers are no label: they never "
+            "learned to write the labels (too few steps for labels of many tokens, or a tokenizer that does not read the "
+            "task's script)")
     return said + ". Give them more steps (epochs) or a base that reads the task's language."
 
 # %% ../nbs/00f_evaluate.ipynb #e024
 def answer_budget(tokenizer, task: Task, limit: int = 256) -> int:
-    "New tokens an answer of `task` may take: the longest label (classification) or train answer (generation), and the end of the turn."
+    """New tokens an answer of `task` may take: the longest label (classification) or train answer (generation), and
+    the end of the turn."""
     if task.kind == "classification": return label_tokens(tokenizer, task.classes)
     answers = [task.answer(r) for r in task.splits()["train"]]
     return min(limit, max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 2)
 
 # %% ../nbs/00f_evaluate.ipynb #e025
-def task_predictions(model, tokenizer, task: Task, records: list[dict], batch_size: int = 64, progress: bool = False) -> list[str]:
-    "The model's answers to `records` as the task asks them: labels for a classifier, text for a generator (`progress`: a bar)."
+def task_predictions(model, tokenizer, task: Task, records: list[dict], batch_size: int = 64,
+                     progress: bool = False) -> list[str]:
+    """The model's answers to `records` as the task asks them: labels for a classifier, text for a generator
+    (`progress`: a bar)."""
     prompts, system = [task.prompt(r) for r in records], task.system_prompt or None
-    if task.kind == "classification": return classify(model, tokenizer, prompts, task.classes, batch_size, system, progress)
-    return generate(model, tokenizer, prompts, answer_budget(tokenizer, task), batch_size, system=system, progress=progress)
+    if task.kind == "classification":
+        return classify(model, tokenizer, prompts, task.classes, batch_size, system, progress)
+    return generate(model, tokenizer, prompts, answer_budget(tokenizer, task), batch_size, system=system,
+                    progress=progress)
 
 # %% ../nbs/00f_evaluate.ipynb #c022
-def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples: list[dict] | None = None, latency_repeats: int = 0,
-                  predictions: bool = False, report: bool = False, batch_size: int = 64) -> dict:
-    "The task's scores on `records` (and the `predictions`); `perplexity` of `examples`; size, latency and throughput with `latency_repeats`."
+def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples: list[dict] | None = None,
+                  latency_repeats: int = 0, predictions: bool = False, report: bool = False,
+                  batch_size: int = 64) -> dict:
+    """The task's scores on `records` (and the `predictions`); `perplexity` of `examples`; size, latency and throughput
+    with `latency_repeats`."""
     with Timer() as t: pred = task_predictions(model, tokenizer, task, records, batch_size)
-    out = {**task_scores(task, pred, [task.answer(r) for r in records], report), **({"predictions": pred} if predictions else {})}
+    out = {
+        **task_scores(task, pred, [task.answer(r) for r in records], report),
+        **({"predictions": pred} if predictions else {})
+    }
     if examples is not None: out["perplexity"] = math.exp(answer_loss(model, tokenizer, examples))
     if latency_repeats:
         cycle = itertools.cycle(records)
@@ -201,11 +237,16 @@ def next_token_logits(model, tokenizer, prompts: list[str]) -> np.ndarray:
 def logit_gap(reference: np.ndarray, other: np.ndarray, what: str = "the model", tolerance: float = 1e-3) -> dict:
     "The largest logit difference of `other` from `reference`, relative to their size; raises when over `tolerance`."
     if other.shape != reference.shape:
-        raise SlmopsError(f"{what} gives logits of shape {other.shape}, its reference {reference.shape}: it is another model "
-                          "(another vocabulary?). Rebuild it from the same model folder.")
+        raise SlmopsError(
+            f"{what} gives logits of shape {other.shape}, its reference {reference.shape}: it is another model "
+            "(another vocabulary?). Rebuild it from the same model folder.")
     rel = float(np.abs(other - reference).max() / max(1.0, float(np.abs(reference).max())))
-    gap = {"relative": rel, "tolerance": tolerance, "top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).mean())}
+    gap = {
+        "relative": rel, "tolerance": tolerance, "top1_agreement": float(
+            (other.argmax(-1) == reference.argmax(-1)).mean())
+    }
     if rel > tolerance:
-        raise SlmopsError(f"{what} computes other logits than its reference: the largest difference is {rel:.2e} of their size, "
-                          f"expected at most {tolerance:.0e}. It is not the same model: rebuild it from the same folder.")
+        raise SlmopsError(
+            f"{what} computes other logits than its reference: the largest difference is {rel:.2e} of their size, "
+            f"expected at most {tolerance:.0e}. It is not the same model: rebuild it from the same folder.")
     return gap

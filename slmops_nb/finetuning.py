@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from .adapt import ADAPTER_METHODS, finetune, load_trained, lora_targets, trainable_parameters
-from .core import SlmopsError, read_json, side_by_side, write_json
+from .core import SlmopsError, read_json, write_json
+from .parallel import side_by_side
 from .data import Task, chat_text, write_jsonl
 from .evaluate import POINTS, answer_loss, evaluate_task
 from .models import load_tokenizer
@@ -23,14 +24,16 @@ __all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE
            'suggest', 'random_search', 'search_lora', 'finetune_task']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
-OLIVE_CONTROLS = {"lora_as_olive": "lora", "qlora_as_olive": "qlora"}  # PEFT with Olive's recipe: the same loss, the same layers
+# PEFT with Olive's recipe: the same loss, the same layers
+OLIVE_CONTROLS = {"lora_as_olive": "lora", "qlora_as_olive": "qlora"}
 FINETUNE_METHODS = ("full", *ADAPTER_METHODS, "olive_lora", "olive_qlora", *OLIVE_CONTROLS)
 
 # %% ../nbs/03_finetuning.ipynb #f3a001
 def check_methods(methods) -> list[str]:
     "The methods, checked against FINETUNE_METHODS."
     unknown = [m for m in methods if m not in FINETUNE_METHODS]
-    if unknown: raise SlmopsError(f"Unknown fine-tuning method(s) {unknown}: use some of {', '.join(FINETUNE_METHODS)}.")
+    if unknown:
+        raise SlmopsError(f"Unknown fine-tuning method(s) {unknown}: use some of {', '.join(FINETUNE_METHODS)}.")
     return list(methods)
 
 # %% ../nbs/03_finetuning.ipynb #f3a004
@@ -40,26 +43,34 @@ FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what
                   "qa_epochs": {"default": 2, "smoke": 1}}
 
 # %% ../nbs/03_finetuning.ipynb #a5cbb88c
-def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 2e-3, batch_size: int = 8, grad_accum: int = 1,
-                        seed: int = 0) -> dict:
-    "The Hugging Face `TrainingArguments` an Olive LoRA pass gets: the in-process runs' schedule and optimizer, no gradient checkpointing."
-    args = {"num_train_epochs": epochs, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
-            "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": seed, "logging_steps": 10,
-            "gradient_checkpointing": False, "optim": "adamw_torch"}
+def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 2e-3, batch_size: int = 8,
+                        grad_accum: int = 1, seed: int = 0) -> dict:
+    """The Hugging Face `TrainingArguments` an Olive LoRA pass gets: the in-process runs' schedule and optimizer, no
+    gradient checkpointing."""
+    args = {
+        "num_train_epochs": epochs, "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum, "learning_rate": lr, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05, "seed": seed, "logging_steps": 10, "gradient_checkpointing": False, "optim": "adamw_torch"
+    }
     return {**args, "max_steps": max_steps} if max_steps else args
 
 # %% ../nbs/03_finetuning.ipynb #f3a011
-def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32, dropout: float = 0.0,
-                 target_modules=None, max_length: int = 64, threads: int | None = None, **training) -> Path:
-    "Fine-tune on `data_file` with Olive's LoRA or QLoRA pass (`olive run --config`, one example a sequence) into `out/olive`; `training`: `olive_training_args`."
+def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32,
+                 dropout: float = 0.0, target_modules=None, max_length: int = 64, threads: int | None = None,
+                 **training) -> Path:
+    """Fine-tune on `data_file` with Olive's LoRA or QLoRA pass (`olive run --config`, one example a sequence) into
+    `out/olive`; `training`: `olive_training_args`."""
     config = finetune_workflow(base, data_file, text_template, method.removeprefix("olive_"), r=r, alpha=alpha,
-                               target_modules=target_modules, max_seq_len=max_length, training_args=olive_training_args(**training),
-                               strategy="line-by-line", dropout=dropout)
-    return olive_run_config(config, Path(out)/"olive", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], threads=threads)
+                               target_modules=target_modules, max_seq_len=max_length,
+                               training_args=olive_training_args(**training), strategy="line-by-line", dropout=dropout)
+    return olive_run_config(config,
+                            Path(out) / "olive", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+                            threads=threads)
 
 # %% ../nbs/03_finetuning.ipynb #f3a012
 def load_olive_method(method: str, base, folder) -> dict:
-    "The adapter of an Olive run in `folder` on the base (4-bit for `olive_qlora`), with the run's figures, for evaluation."
+    """The adapter of an Olive run in `folder` on the base (4-bit for `olive_qlora`), with the run's figures, for
+    evaluation."""
     info = read_json(Path(folder)/"slmops_olive.json")
     model = load_trained(method.removeprefix("olive_"), base, Path(folder)/"adapter")
     trainable, total = trainable_parameters(model)
@@ -68,7 +79,8 @@ def load_olive_method(method: str, base, folder) -> dict:
 
 # %% ../nbs/03_finetuning.ipynb #f3a014
 def olive_task_data(task: Task, records: list[dict], tokenizer, out) -> tuple[Path, str]:
-    "The file Olive trains on (`out/olive_train.jsonl`: the columns the task reads) and the text template of the model's chat format."
+    """The file Olive trains on (`out/olive_train.jsonl`: the columns the task reads) and the text template of the
+    model's chat format."""
     cols = task.columns()
     path = write_jsonl(Path(out)/"olive_train.jsonl", [{c: str(r[c]) for c in cols} for r in records])
     prompt = task.prompt_template or "{" + task.input_column + "}"
@@ -76,7 +88,8 @@ def olive_task_data(task: Task, records: list[dict], tokenizer, out) -> tuple[Pa
 
 # %% ../nbs/03_finetuning.ipynb #f3a020
 def olive_parity(results: dict, metric: str) -> dict:
-    "Each Olive row's `metric` against PEFT's LoRA, split into Olive's recipe (its control against LoRA) and the rest (Olive against its control), in points."
+    """Each Olive row's `metric` against PEFT's LoRA, split into Olive's recipe (its control against LoRA) and the rest
+    (Olive against its control), in points."""
     points, out = POINTS[metric], {}
     for m in ("olive_lora", "olive_qlora"):
         control = m.removeprefix("olive_") + "_as_olive"
@@ -89,43 +102,69 @@ def olive_parity(results: dict, metric: str) -> dict:
 
 # %% ../nbs/03_finetuning.ipynb #f3a021b
 def train_method(method: str, base, task: Task, data: dict, examples: dict, out, *, olive_data: tuple, lr: float = 2e-3,
-                 full_lr: float = 5e-4, ia3_lr: float = 1e-1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
-                 max_length: int = 64, patience: int = 1, training: dict | None = None) -> dict:
-    "One method of the comparison trained into `out/method` (Olive's by `olive run`, on this process's threads): where its model is, and, for PEFT's, its figures and loss history."
+                 full_lr: float = 5e-4, ia3_lr: float = 1e-1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
+                 target_modules=None, max_length: int = 64, patience: int = 1, training: dict | None = None) -> dict:
+    """One method of the comparison trained into `out/method` (Olive's by `olive run`, on this process's threads):
+    where its model is, and, for PEFT's, its figures and loss history."""
     import torch
     training, target_modules = training or {}, target_modules or lora_targets(base)
     if method.startswith("olive_"):
-        return {"folder": olive_method(method, base, *olive_data, Path(out)/method, r=r, alpha=alpha, dropout=dropout, lr=lr,
-                                       target_modules=target_modules, max_length=max_length, threads=torch.get_num_threads(), **training)}
+        return {
+            "folder": olive_method(method, base, *olive_data,
+                                   Path(out) / method, r=r, alpha=alpha, dropout=dropout, lr=lr,
+                                   target_modules=target_modules, max_length=max_length,
+                                   threads=torch.get_num_threads(), **training)
+        }
     tokenizer, kind, targets = load_tokenizer(base), OLIVE_CONTROLS.get(method, method), target_modules
     if method in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
-        examples = {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
+        examples = {
+            s: task_examples(tokenizer, task, data[s], 0, completion_only=False)
+            for s in ("train", "validation")
+        }
         targets = [t for t in target_modules if kind == "lora" or t != "lm_head"]
-    res = finetune(kind, base, tokenizer, examples["train"], examples["validation"], Path(out)/method,
-                   lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr), r=r, alpha=alpha, dropout=dropout, target_modules=targets,
-                   patience=patience, **training)
-    return {"folder": Path(out)/method/"model", **{k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb",
-                                                                      "train_seconds", "log_history")}}
+    res = finetune(kind, base, tokenizer, examples["train"], examples["validation"],
+                   Path(out) / method, lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr), r=r, alpha=alpha,
+                   dropout=dropout, target_modules=targets, patience=patience, **training)
+    return {
+        "folder": Path(out) / method / "model", **{
+            k: res[k]
+            for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds", "log_history")
+        }
+    }
 
 # %% ../nbs/03_finetuning.ipynb #f3a022
 def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
-                    max_steps: int = 0, lr: float = 2e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1, batch_size: int = 8,
-                    grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0, target_modules=None,
-                    max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
-    "Every method on the same data and budget, trained `side_by_side` (`train_method`, Olive's first: the longest), then each scored here on the task's test split."
+                    max_steps: int = 0, lr: float = 2e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1,
+                    batch_size: int = 8, grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
+                    target_modules=None, max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
+    """Every method on the same data and budget, trained `side_by_side` (`train_method`, Olive's first: the longest),
+    then each scored here on the task's test split."""
     from slmops_nb import finetuning  # by module: the processes import what they run
     check_methods(methods)
     out = Path(out)
-    kw = dict(olive_data=olive_task_data(task, data["train"], tokenizer, out), lr=lr, full_lr=full_lr, ia3_lr=ia3_lr, r=r,
-              alpha=alpha, dropout=dropout, target_modules=target_modules or lora_targets(base),  # Olive and PEFT adapt the same layers
-              max_length=max_length, patience=patience,
-              training=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed))
+    kw = dict(
+        olive_data=olive_task_data(task, data["train"], tokenizer, out),
+        lr=lr,
+        full_lr=full_lr,
+        ia3_lr=ia3_lr,
+        r=r,
+        # Olive and PEFT adapt the same layers
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules or lora_targets(base),
+        max_length=max_length,
+        patience=patience,
+        training=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed))
     order = sorted(methods, key=lambda m: (not m.startswith("olive_"), m != "full"))
-    trained = dict(zip(order, side_by_side([(finetuning.train_method, (m, base, task, data, examples, out), kw) for m in order])))
+    trained = dict(
+        zip(order, side_by_side([(finetuning.train_method, (m, base, task, data, examples, out), kw) for m in order])))
     results, histories, answers = {}, {}, {}
     for m in methods:
         if m.startswith("olive_"): res = load_olive_method(m, base, trained[m]["folder"])
-        else: res, histories[m] = {**trained[m], "model": load_trained(OLIVE_CONTROLS.get(m, m), base, trained[m]["folder"])}, trained[m]["log_history"]
+        else:
+            res, histories[m] = {
+                **trained[m], "model": load_trained(OLIVE_CONTROLS.get(m, m), base, trained[m]["folder"])
+            }, trained[m]["log_history"]
         ev = evaluate_task(res["model"], tokenizer, task, data["test"], examples=examples["test"], predictions=True)
         answers[m] = ev.pop("predictions")
         results[m] = {k: res[k] for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds")}
@@ -145,7 +184,8 @@ def suggest(trial, space: dict = SEARCH_SPACE) -> dict:
 
 # %% ../nbs/03_finetuning.ipynb #f3a032
 def random_search(objective, n_trials: int, seed: int = 0, space: dict = SEARCH_SPACE):
-    "Optuna random search minimising `objective(config)`; returns the study (`study.best_params`, `trials_dataframe()`)."
+    """Optuna random search minimising `objective(config)`; returns the study (`study.best_params`,
+    `trials_dataframe()`)."""
     import optuna
     if n_trials < 1: raise SlmopsError(f"The search needs at least one trial, got {n_trials}.")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -154,18 +194,21 @@ def random_search(objective, n_trials: int, seed: int = 0, space: dict = SEARCH_
     return study
 
 # %% ../nbs/03_finetuning.ipynb #f3a035
-def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_trials: int, scale: float = 4.0, seed: int = 0,
-                **finetune_args):
-    "Random search of LoRA's learning rate, rank and batch size: one epoch a trial in `out/trial`, alpha = `scale` × rank."
+def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_trials: int, scale: float = 4.0,
+                seed: int = 0, **finetune_args):
+    """Random search of LoRA's learning rate, rank and batch size: one epoch a trial in `out/trial`, alpha = `scale` ×
+    rank."""
     def trial_loss(cfg: dict) -> float:
-        return finetune("lora", base, tokenizer, train, valid, Path(out)/"trial", epochs=1, lr=cfg["lr"], batch_size=cfg["batch_size"],
-                        r=cfg["r"], alpha=scale * cfg["r"], seed=seed, **finetune_args)["best_eval_loss"]
+        return finetune("lora", base, tokenizer, train, valid,
+                        Path(out) / "trial", epochs=1, lr=cfg["lr"], batch_size=cfg["batch_size"], r=cfg["r"],
+                        alpha=scale * cfg["r"], seed=seed, **finetune_args)["best_eval_loss"]
     return random_search(trial_loss, n_trials, seed)
 
 # %% ../nbs/03_finetuning.ipynb #3d9e84a4
 def finetune_task(method: str, base, task: Task, out, *, limit: int = 0, max_length: int = 64, **training) -> dict:
     "`slmops finetune`: one in-process method on a task's train and validation splits into `out`; torchrun-ready."
-    if method not in ("full", *ADAPTER_METHODS): raise SlmopsError(f"Unknown method {method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
+    if method not in ("full", *ADAPTER_METHODS):
+        raise SlmopsError(f"Unknown method {method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
     data, tok, out = task.splits(), load_tokenizer(base), Path(out)
     ex = {s: task_examples(tok, task, data[s][:limit or None], max_length) for s in ("train", "validation")}
     res = finetune(method, base, tok, ex["train"], ex["validation"], out, **training)
@@ -174,5 +217,9 @@ def finetune_task(method: str, base, task: Task, out, *, limit: int = 0, max_len
     info = {"rank": rank, "world_size": world, "backend": dist.get_backend() if dist.is_initialized() else None,
             "steps": res["steps"], "train_examples": len(ex["train"]), "train_seconds": res["train_seconds"]}
     write_json(out/"ranks"/f"rank-{rank}.json", info)  # every process says what it did
-    if rank == 0: write_json(out/"result.json", {k: res[k] for k in ("trainable_params", "trainable_fraction", "train_seconds", "steps", "best_eval_loss")})
+    if rank == 0:
+        write_json(
+            out / "result.json",
+            {k: res[k]
+             for k in ("trainable_params", "trainable_fraction", "train_seconds", "steps", "best_eval_loss")})
     return info

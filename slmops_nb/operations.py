@@ -30,16 +30,19 @@ OPS_SIZES = {"windows": {"default": 8, "smoke": 6}, "per_window": {"default": 10
 
 # %% ../nbs/05_operations.ipynb #o5012
 def registered_champion(run, name: str) -> tuple[Path, str]:
-    "The folder and `name/version` of `name`'s champion in the registry of run folder `run`; a clear error when there is none."
+    """The folder and `name/version` of `name`'s champion in the registry of run folder `run`; a clear error when there
+    is none."""
     from slmops_nb.registry import model_version
     try: return model_version(f"models:/{name}@champion", run)
     except SlmopsError as e:
-        raise SlmopsError(f"No champion {name!r} in the registry of {run}: run chapters 03 and 04 into this run folder first "
-                          f"(slmops run 03 04 05 --out {run}). ({e})") from e
+        raise SlmopsError(
+            f"No champion {name!r} in the registry of {run}: run chapters 03 and 04 into this run folder first "
+            f"(slmops run 03 04 05 --out {run}). ({e})") from e
 
 # %% ../nbs/05_operations.ipynb #o5021
 def shifted_records(task: Task, n: int, seed: int = 0, shift_file: str = "") -> list[dict]:
-    "`n` records of traffic after the shift: `shift_file`'s, the tones' drifted phrasings, or the task's test split in another class mix."
+    """`n` records of traffic after the shift: `shift_file`'s, the tones' drifted phrasings, or the task's test split
+    in another class mix."""
     rng = random.Random(seed)
     if shift_file: pool = task.read_split(shift_file)
     elif task.builtin: return drifted_tones(n, seed)
@@ -51,30 +54,36 @@ def shifted_records(task: Task, n: int, seed: int = 0, shift_file: str = "") -> 
 
 def week_of_traffic(task: Task, windows: int, per_window: int, shift_at: int, shifted: list[dict], seed: int = 0,
                     users: int = 200) -> list[list[dict]]:
-    "`windows` windows of `per_window` requests: the task's test records before window `shift_at`, then `shifted`; each with a user."
+    """`windows` windows of `per_window` requests: the task's test records before window `shift_at`, then `shifted`;
+    each with a user."""
     rng, test = random.Random(seed), task.splits()["test"]
     need = (windows - shift_at) * per_window
-    if len(shifted) < need: raise SlmopsError(f"{len(shifted)} shifted records for {need} requests after the shift: give more.")
+    if len(shifted) < need:
+        raise SlmopsError(f"{len(shifted)} shifted records for {need} requests after the shift: give more.")
     later = iter(shifted)
-    return [[{"record": rng.choice(test) if w < shift_at else next(later), "user": f"user-{rng.randrange(users)}", "window": w}
-             for _ in range(per_window)] for w in range(windows)]
+    return [[{
+        "record": rng.choice(test) if w < shift_at else next(later), "user": f"user-{rng.randrange(users)}", "window": w
+    } for _ in range(per_window)] for w in range(windows)]
 
 # %% ../nbs/05_operations.ipynb #o5023
 def replay(base_url: str, requests: list[dict], task: Task, max_tokens: int, concurrency: int = 4) -> list[str | None]:
-    "Each request through the `openai` client with its `user`, `concurrency` in flight; the answers in order (None where one failed)."
+    """Each request through the `openai` client with its `user`, `concurrency` in flight; the answers in order (None
+    where one failed)."""
     from concurrent.futures import ThreadPoolExecutor
     from openai import OpenAI
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     def one(req: dict) -> str | None:
-        try: return client.chat.completions.create(model=model, messages=task.messages(req["record"]), max_tokens=max_tokens,
-                                                   user=req["user"]).choices[0].message.content
+        try:
+            return client.chat.completions.create(model=model, messages=task.messages(req["record"]),
+                                                  max_tokens=max_tokens, user=req["user"]).choices[0].message.content
         except Exception: return None
     with ThreadPoolExecutor(concurrency) as pool: return list(pool.map(one, requests))
 
 def score(task: Task, records: list[dict], answers: list[str | None]) -> float:
     "The task's headline metric (accuracy or chrF) of `answers` to `records` (a failed request counts as wrong)."
-    return task_scores(task, [task_answer(task, a or "") for a in answers], [task.answer(r) for r in records])[HEADLINE[task.kind]]
+    return task_scores(task, [task_answer(task, a or "") for a in answers],
+                       [task.answer(r) for r in records])[HEADLINE[task.kind]]
 
 # %% ../nbs/05_operations.ipynb #o5041
 def logged_prompts(log, first: int, per_window: int) -> list[str]:
@@ -82,7 +91,8 @@ def logged_prompts(log, first: int, per_window: int) -> list[str]:
     from slmops_nb.serve import read_request_log
     from slmops_nb.monitor import served
     lines = served(read_request_log(log))[first * per_window:]
-    if not lines or "prompt" not in lines[0]: raise SlmopsError(f"{log} holds no prompts from window {first}: serve with --log-prompts.")
+    if not lines or "prompt" not in lines[0]:
+        raise SlmopsError(f"{log} holds no prompts from window {first}: serve with --log-prompts.")
     return [l["prompt"] for l in lines]
 
 def as_prompts(task: Task) -> Task:
@@ -90,26 +100,34 @@ def as_prompts(task: Task) -> Task:
     return dataclasses.replace(task, prompt_template="")
 
 def teacher_labels(task: Task, prompts: list[str], teacher, tokenizer) -> list[dict]:
-    "Records of `as_prompts(task)` for `prompts`, answered by the teacher (labels normalized; an answer that is no label is dropped)."
-    answers = generate_answers(teacher, tokenizer, prompts, answer_budget(tokenizer, task), 64, system=task.system_prompt or None)
+    """Records of `as_prompts(task)` for `prompts`, answered by the teacher (labels normalized; an answer that is no
+    label is dropped)."""
+    answers = generate_answers(teacher, tokenizer, prompts, answer_budget(tokenizer, task), 64,
+                               system=task.system_prompt or None)
     out = [{task.input_column: p, task.label_column: task_answer(task, a["answer"])} for p, a in zip(prompts, answers)]
     return [r for r in out if task.kind != "classification" or r[task.label_column] in task.classes]
 
 # %% ../nbs/05_operations.ipynb #o5051
 def challenger_data(task: Task, labelled: list[dict], seed: int = 0, replay: float = 3.0) -> dict[str, list[dict]]:
-    "The teacher-labelled records and `replay` times as many of the task's training records (so nothing is forgotten), shuffled, 90/10."
-    own = random.Random(seed).sample(task.splits()["train"], min(len(task.splits()["train"]), int(replay * len(labelled))))
-    mixed = labelled + [{task.input_column: task.prompt(r), task.label_column: task.answer(r)} for r in own]  # as_prompts(task)'s records
+    """The teacher-labelled records and `replay` times as many of the task's training records (so nothing is
+    forgotten), shuffled, 90/10."""
+    own = random.Random(seed).sample(task.splits()["train"],
+                                     min(len(task.splits()["train"]), int(replay * len(labelled))))
+    # as_prompts(task)'s records
+    mixed = labelled + [{task.input_column: task.prompt(r), task.label_column: task.answer(r)} for r in own]
     random.Random(seed + 1).shuffle(mixed)
     cut = max(1, len(mixed) // 10)
     return {"train": mixed[cut:], "validation": mixed[:cut]}
 
-def train_challenger(champion_merged, task: Task, data: dict, out, epochs: float = 3, lr: float = 1e-3, seed: int = 0) -> Path:
-    "LoRA on the champion's merged model with `data` (records of `as_prompts(task)`), merged into `out`/merged: the challenger."
+def train_challenger(champion_merged, task: Task, data: dict, out, epochs: float = 3, lr: float = 1e-3,
+                     seed: int = 0) -> Path:
+    """LoRA on the champion's merged model with `data` (records of `as_prompts(task)`), merged into `out`/merged: the
+    challenger."""
     out = Path(out)
     tok = load_tokenizer(champion_merged)
     ex = {s: task_examples(tok, as_prompts(task), data[s], max_length=0) for s in ("train", "validation")}
-    finetune("lora", str(champion_merged), tok, ex["train"], ex["validation"], out/"lora", epochs=epochs, lr=lr, dropout=0.0, seed=seed)
+    finetune("lora", str(champion_merged), tok, ex["train"], ex["validation"], out / "lora", epochs=epochs, lr=lr,
+             dropout=0.0, seed=seed)
     merge_adapter(str(champion_merged), out/"lora"/"model", tok, out/"merged")
     return out/"merged"
 

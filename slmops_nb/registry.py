@@ -26,7 +26,9 @@ ALIASES = ("champion", "challenger")  # what is live, and what is being tried
 def tracking_uri(run=None) -> str:
     "Where MLflow records: `$MLFLOW_TRACKING_URI`, else the SQLite store in the run folder `run`."
     if os.environ.get("MLFLOW_TRACKING_URI"): return os.environ["MLFLOW_TRACKING_URI"]
-    if run is None: raise SlmopsError("No tracking URI: set MLFLOW_TRACKING_URI, or give the run folder (slmops serve --registry RUN).")
+    if run is None:
+        raise SlmopsError(
+            "No tracking URI: set MLFLOW_TRACKING_URI, or give the run folder (slmops serve --registry RUN).")
     return f"sqlite:///{(Path(run)/STORE).resolve()}"
 
 # %% ../nbs/00n_registry.ipynb #r007
@@ -36,7 +38,8 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 def run_experiment(client, run) -> str:
-    "The id of the experiment named after run folder `run` (made on first use; its files in `<run>/mlartifacts` unless a server keeps them)."
+    """The id of the experiment named after run folder `run` (made on first use; its files in `<run>/mlartifacts`
+    unless a server keeps them)."""
     run = Path(run).resolve()
     found = client.get_experiment_by_name(run.name)
     if found is not None: return found.experiment_id
@@ -60,7 +63,8 @@ def param_items(params: dict) -> dict[str, str]:
 
 # %% ../nbs/00n_registry.ipynb #r011
 def log_chapter(chapter_out, params: dict, metrics: dict | None = None) -> str:
-    "Log a chapter as an MLflow run in its run folder's experiment: parameters, numeric metrics and `metrics.json`; its run id."
+    """Log a chapter as an MLflow run in its run folder's experiment: parameters, numeric metrics and `metrics.json`;
+    its run id."""
     from mlflow.entities import Metric, Param
     out = Path(chapter_out).resolve()
     if metrics is None: metrics = read_json(out/"metrics.json") if (out/"metrics.json").exists() else {}
@@ -78,11 +82,15 @@ def log_chapter(chapter_out, params: dict, metrics: dict | None = None) -> str:
 # %% ../nbs/00n_registry.ipynb #r013
 def data_hash(task: dict) -> str:
     "A short hash of a task's data (`Task.describe()`): its files' contents, else its description."
-    files = {k: file_hash(v) if Path(v).is_file() else str(v) for k, v in sorted(task.items()) if k.endswith("_file") and v}
+    files = {
+        k: file_hash(v) if Path(v).is_file() else str(v)
+        for k, v in sorted(task.items()) if k.endswith("_file") and v
+    }
     return hashlib.sha256(repr(files or sorted(task.items())).encode()).hexdigest()[:16]
 
 def model_name(task: dict, artifact: str) -> str:
-    "The registered model name of a run's artifact: the task's name (`tones`, or its train file's stem), then the artifact's."
+    """The registered model name of a run's artifact: the task's name (`tones`, or its train file's stem), then the
+    artifact's."""
     stem = "tones" if task.get("builtin", True) else Path(task["train_file"]).stem
     return re.sub(r"[^\w\-]+", "-", f"{stem}-{artifact}").replace("_", "-").lower()
 
@@ -91,7 +99,8 @@ def register_model(name: str, folder, tags: dict, run) -> object:
     "Register `folder` as a new version of model `name` with lineage `tags`; all or nothing. Its MLflow `ModelVersion`."
     from mlflow.exceptions import MlflowException
     folder = Path(folder)
-    if not folder.is_dir(): raise SlmopsError(f"Cannot register {name!r}: {folder} is not a folder; register the model's folder.")
+    if not folder.is_dir():
+        raise SlmopsError(f"Cannot register {name!r}: {folder} is not a folder; register the model's folder.")
     client = mlflow_client(tracking_uri(run))
     try: client.get_registered_model(name); created = False
     except MlflowException: client.create_registered_model(name); created = True
@@ -119,17 +128,20 @@ def set_alias(run, name: str, version, alias: str) -> None:
     mlflow_client(tracking_uri(run)).set_registered_model_alias(name, alias, str(version))
 
 def promote(run, name: str, version=None) -> str:
-    "Make `version` (default: the challenger) the champion of model `name`; the challenger alias is removed. The new champion."
+    """Make `version` (default: the challenger) the champion of model `name`; the challenger alias is removed. The new
+    champion."""
     client = mlflow_client(tracking_uri(run))
     version = str(version or aliased(client, name).get("challenger") or "")
-    if not version: raise SlmopsError(f"{name} has no challenger to promote: name the version (promote(run, {name!r}, 2)).")
+    if not version:
+        raise SlmopsError(f"{name} has no challenger to promote: name the version (promote(run, {name!r}, 2)).")
     client.set_registered_model_alias(name, "champion", version)
     if aliased(client, name).get("challenger") == version: client.delete_registered_model_alias(name, "challenger")
     return version
 
 # %% ../nbs/00n_registry.ipynb #r023
 def model_version(model, run=None) -> tuple[Path, str]:
-    "The local folder and `name/version` of `models:/<name>@<alias>` or `models:/<name>/<version>` (registry: `run`'s, or `$MLFLOW_TRACKING_URI`); a folder and its name otherwise."
+    """The local folder and `name/version` of `models:/<name>@<alias>` or `models:/<name>/<version>` (registry:
+    `run`'s, or `$MLFLOW_TRACKING_URI`); a folder and its name otherwise."""
     s = str(model)
     if not s.startswith("models:/"): return Path(model), Path(model).name
     m = re.fullmatch(r"models:/([^/@]+)(?:@(\w+)|/(\d+))", s)
@@ -137,38 +149,50 @@ def model_version(model, run=None) -> tuple[Path, str]:
     from mlflow.exceptions import MlflowException
     client = mlflow_client(tracking_uri(run))
     try: v = client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
-    except MlflowException as e: raise SlmopsError(f"{s}: not in the registry at {client.tracking_uri} ({e.message})") from e
+    except MlflowException as e:
+        raise SlmopsError(f"{s}: not in the registry at {client.tracking_uri} ({e.message})") from e
     source = client.get_model_version_download_uri(v.name, v.version)
     if source.startswith("file://"): return Path(source[len("file://"):]), f"{v.name}/{v.version}"
     import mlflow.artifacts
-    return Path(mlflow.artifacts.download_artifacts(source, dst_path=str(cache_root()/"registry"/v.name/v.version))), f"{v.name}/{v.version}"
+    return Path(
+        mlflow.artifacts.download_artifacts(source, dst_path=str(cache_root() / "registry" / v.name /
+                                                                 v.version))), f"{v.name}/{v.version}"
 
 def model_folder(model, run=None) -> Path:
     "A local folder for `models:/<name>@<alias>` or `models:/<name>/<version>`; else `model` itself."
     return model_version(model, run)[0]
 
 # %% ../nbs/00n_registry.ipynb #r026
-def lineage_tags(rec: dict, artifact: str, task: dict, parent: str, chapter: str, run, mlflow_run: str = "") -> dict[str, str]:
-    "The lineage of a registered version as MLflow tags: task, data hash, base model, method, precision, parent version, the chapter run that made it."
-    return {"slmops.artifact": artifact, "slmops.task": "tones" if task.get("builtin", True) else task["train_file"],
-            "slmops.data_hash": data_hash(task), "slmops.base_model": rec.get("base_model", ""), "slmops.method": rec.get("method", ""),
-            "slmops.precision": rec.get("precision", ""), "slmops.parent": parent, "slmops.chapter": chapter,
-            "slmops.run": str(run), "slmops.mlflow_run": mlflow_run}
+def lineage_tags(rec: dict, artifact: str, task: dict, parent: str, chapter: str, run,
+                 mlflow_run: str = "") -> dict[str, str]:
+    """The lineage of a registered version as MLflow tags: task, data hash, base model, method, precision, parent
+    version, the chapter run that made it."""
+    return {
+        "slmops.artifact": artifact, "slmops.task": "tones" if task.get("builtin", True) else task["train_file"],
+        "slmops.data_hash": data_hash(task), "slmops.base_model": rec.get("base_model", ""),
+        "slmops.method": rec.get("method", ""), "slmops.precision": rec.get("precision", ""), "slmops.parent": parent,
+        "slmops.chapter": chapter, "slmops.run": str(run), "slmops.mlflow_run": mlflow_run
+    }
 
 def register_chapter(chapter_out, mlflow_run: str = "") -> dict[str, str]:
-    "Register each model folder the chapter recorded in the run's manifest, with its lineage and an alias; `{artifact: 'name/version'}`."
+    """Register each model folder the chapter recorded in the run's manifest, with its lineage and an alias;
+    `{artifact: 'name/version'}`."""
     out = Path(chapter_out).resolve()
-    run, task = out.parent, (read_json(out/"metrics.json") if (out/"metrics.json").exists() else {}).get("task", {"builtin": True})
+    run, task = out.parent, (read_json(out / "metrics.json") if
+                             (out / "metrics.json").exists() else {}).get("task", {"builtin": True})
     client, done = mlflow_client(tracking_uri(run)), {}
     for artifact, rec in read_manifest(run).items():
         path = (run/rec["path"]).resolve()
         if rec["chapter"] != out.name or not path.is_dir() or rec.get("registered"): continue
         source = Path(rec["source"]).resolve() if rec.get("source") else None
         made_from = next((r for r in read_manifest(run).values() if (run/r["path"]).resolve() == source), {})
-        inherited = {k: made_from[k] for k in ("base_model", "method") if k in made_from and k not in rec}  # int4 of a LoRA merge
+        # int4 of a LoRA merge
+        inherited = {k: made_from[k] for k in ("base_model", "method") if k in made_from and k not in rec}
         name = model_name(task, artifact)
-        v = register_model(name, path, lineage_tags({**rec, **inherited}, artifact, task, made_from.get("registered", ""), out.name, run,
-                                                mlflow_run), run)
+        v = register_model(
+            name, path,
+            lineage_tags({**rec, **inherited}, artifact, task, made_from.get("registered", ""), out.name, run,
+                         mlflow_run), run)
         set_alias(run, name, v.version, "challenger" if "champion" in aliased(client, name) else "champion")
         info = {k: x for k, x in rec.items() if k not in ("path", "chapter", "recorded_at")}
         record_artifact(out, artifact, path, **info, registered=f"{name}/{v.version}")

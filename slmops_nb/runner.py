@@ -38,8 +38,13 @@ def list_chapters(nbs: Path) -> list[Path]:
 # %% ../nbs/00l_runner.ipynb #r007
 def notebooks_dir(nbs=None) -> Path:
     "The chapter notebooks: `nbs`, else `$SLMOPS_NBS`, else the `nbs/` beside the package, else `./nbs`."
-    cands = [nbs, os.environ.get("SLMOPS_NBS"), Path(__file__).resolve().parent.parent/"nbs" if "__file__" in globals() else None,
-             Path.cwd()/"nbs", Path.cwd()]
+    cands = [
+        nbs,
+        os.environ.get("SLMOPS_NBS"),
+        Path(__file__).resolve().parent.parent / "nbs" if "__file__" in globals() else None,
+        Path.cwd() / "nbs",
+        Path.cwd()
+    ]
     for c in cands:
         if c and Path(c).is_dir() and list_chapters(Path(c)): return Path(c).resolve()
     raise SlmopsError("No chapter notebooks found: run slmops from the workbook folder, or pass --nbs DIR.")
@@ -64,7 +69,8 @@ def parse_param(text: str) -> tuple[str, object]:
     "`NAME=VALUE` → (name, value), the value as a Python literal when it is one."
     if "=" not in text: raise SlmopsError(f"Parameter {text!r} is not NAME=VALUE (for example -p eval_limit=50).")
     name, raw = text.split("=", 1)
-    if not re.fullmatch(r"[A-Za-z_]\w*", name.strip()): raise SlmopsError(f"Parameter name {name!r} is not a Python name.")
+    if not re.fullmatch(r"[A-Za-z_]\w*", name.strip()):
+        raise SlmopsError(f"Parameter name {name!r} is not a Python name.")
     try: value = ast.literal_eval(raw)
     except (ValueError, SyntaxError): value = raw
     return name.strip(), value
@@ -89,8 +95,9 @@ def coerce(name: str, value, spec: dict, chapter: str):
     if not isinstance(value, ok):
         raise SlmopsError(f"{chapter}: parameter {name} must be {t} (default {spec['default']}), got {value!r}.")
     if t in ("int", "float") and value < 0 <= _literal(spec["default"]):  # counts, sizes, rates: never negative
-        raise SlmopsError(f"{chapter}: parameter {name} must be at least 0 (default {spec['default']}; see slmops list for "
-                          f"what 0 means), got {value!r}.")
+        raise SlmopsError(
+            f"{chapter}: parameter {name} must be at least 0 (default {spec['default']}; see slmops list for "
+            f"what 0 means), got {value!r}.")
     return float(value) if t == "float" else value
 
 # %% ../nbs/00l_runner.ipynb #r020
@@ -99,7 +106,9 @@ def describe_parameters(chapters: dict) -> str:
     lines = []
     for stem, ps in chapters.items():
         lines.append(f"  {stem}:")
-        lines += [f"    {n}: {p['type']} = {p['default']}" + (f"  # {p['help']}" if p["help"] else "") for n, p in ps.items()]
+        lines += [
+            f"    {n}: {p['type']} = {p['default']}" + (f"  # {p['help']}" if p["help"] else "") for n, p in ps.items()
+        ]
     return "\n".join(lines)
 
 # %% ../nbs/00l_runner.ipynb #r023
@@ -108,7 +117,9 @@ def check_params(chapters: list[Path], params: dict) -> dict:
     specs = {p.stem: chapter_parameters(p) for p in chapters}
     for stem, ps in specs.items():
         missing = [r for r in RUNNER_PARAMS if r not in ps]
-        if missing: raise SlmopsError(f"{stem}: its parameters cell lacks {missing}; every chapter declares profile and out_dir.")
+        if missing:
+            raise SlmopsError(
+                f"{stem}: its parameters cell lacks {missing}; every chapter declares profile and out_dir.")
     reserved = [n for n in params if n in RUNNER_PARAMS]
     if reserved: raise SlmopsError(f"{reserved} are set by the runner: use --profile and --out instead of -p.")
     unknown = [n for n in params if not any(n in ps for ps in specs.values())]
@@ -124,10 +135,12 @@ def resolve_user_paths(params: dict, cwd=None) -> dict:
     cwd = Path(cwd or Path.cwd())
     def fix(v):
         if isinstance(v, dict): return {k: fix(x) for k, x in v.items()}
-        if not isinstance(v, str) or not v.strip() or "://" in v or ":" in v.split("/")[0]: return v  # URLs, workbench:base
+        # URLs, workbench:base
+        if not isinstance(v, str) or not v.strip() or "://" in v or ":" in v.split("/")[0]: return v
         p = Path(v).expanduser()
         if p.is_absolute(): return str(p)
-        if (cwd/p).exists() or v.startswith((".", "~")) or p.suffix.lower() in DATA_SUFFIXES: return str((cwd/p).resolve())
+        if (cwd / p).exists() or v.startswith((".", "~")) or p.suffix.lower() in DATA_SUFFIXES:
+            return str((cwd / p).resolve())
         return v
     return {k: fix(v) for k, v in params.items()}
 
@@ -161,7 +174,8 @@ class Stopped(KeyboardInterrupt):
 # %% ../nbs/00l_runner.ipynb #r035
 @contextlib.contextmanager
 def stop_on_signals():
-    "Within the block, SIGINT (Ctrl-C) and SIGTERM raise `Stopped` in the main thread; the old handlers come back after."
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM raise `Stopped` in the main thread; the old handlers come back
+    after."""
     def stop(signum, frame): raise Stopped(signum)
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try: yield
@@ -170,7 +184,8 @@ def stop_on_signals():
 
 # %% ../nbs/00l_runner.ipynb #r037
 def _wait(done: threading.Event, seconds: float = float("inf")) -> bool:
-    "Wait for `done` in short sleeps (a signal raises cleanly from `time.sleep`; from `Thread.join` it can leave the thread marked as ended)."
+    """Wait for `done` in short sleeps (a signal raises cleanly from `time.sleep`; from `Thread.join` it can leave the
+    thread marked as ended)."""
     deadline = time.monotonic() + seconds
     while not done.is_set() and time.monotonic() < deadline: time.sleep(0.2)
     return done.is_set()
@@ -189,24 +204,30 @@ def _stop_kernel(km, done: threading.Event, grace: float = 30):
 
 # %% ../nbs/00l_runner.ipynb #r039
 def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progress: bool = True) -> dict:
-    "Execute one chapter notebook with papermill into `chapter_out`; its status, seconds and metrics. Ctrl-C stops it cleanly."
+    """Execute one chapter notebook with papermill into `chapter_out`; its status, seconds and metrics. Ctrl-C stops it
+    cleanly."""
     import papermill as pm
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
     chapter_out.mkdir(parents=True, exist_ok=True)
-    if (chapter_out/"metrics.json").exists():  # a re-run into the same folder: an earlier run's warnings are not this one's
-        write_metrics(chapter_out, {k: v for k, v in read_json(chapter_out/"metrics.json").items() if k != "warnings"}, merge=False)
+    # a re-run into the same folder: an earlier run's warnings are not this one's
+    if (chapter_out/"metrics.json").exists():
+        write_metrics(chapter_out,
+                      {k: v
+                       for k, v in read_json(chapter_out / "metrics.json").items() if k != "warnings"}, merge=False)
     sockets = Path(jupyter_runtime_dir())/f"slmops-{os.getpid()}-{src.stem}"
     sockets.parent.mkdir(parents=True, exist_ok=True)
-    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))  # IPC, not TCP: only this user reaches it
+    # IPC, not TCP: only this user reaches it
+    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))
     executed, outcome, done = chapter_out/src.name, {}, threading.Event()
     def execute():  # in a thread: signals go to the main thread, which interrupts the kernel instead of tearing it down
         try:
             # the kernel inherits SLMOPS_PROGRESS=lines: progress as a few lines in the saved notebook, not frozen widgets
             with mock.patch.dict(os.environ, SLMOPS_PROGRESS="lines"):
-                pm.execute_notebook(str(src), str(executed), parameters={"profile": profile, "out_dir": str(chapter_out), **params},
-                                    kernel_name="python3", cwd=str(src.parent), progress_bar=progress, log_output=False,
-                                    request_save_on_cell_execute=True, km=km)
+                pm.execute_notebook(str(src), str(executed),
+                                    parameters={"profile": profile, "out_dir": str(chapter_out),
+                                                **params}, kernel_name="python3", cwd=str(src.parent),
+                                    progress_bar=progress, log_output=False, request_save_on_cell_execute=True, km=km)
         except BaseException as e: outcome["error"] = e
         finally:
             if km.has_kernel: asyncio.run(km.shutdown_kernel(now=True))
@@ -278,7 +299,8 @@ def summary_table(summary: dict, width: int = 4) -> str:
     "A plain-text table: chapter, status, seconds and its first numeric metrics."
     rows = []
     for c in summary["chapters"]:
-        nums = [(k, v) for k, v in flatten(c["metrics"]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        nums = [(k, v) for k, v in flatten(c["metrics"]).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
         nums = sorted(nums, key=lambda kv: not any(w in kv[0] for w in HEADLINE_WORDS))[:width]
         rows.append((c["chapter"], c["status"], f"{c['seconds']:.1f}", "  ".join(f"{k}={_fmt(v)}" for k, v in nums)))
     w = [max(len(r[i]) for r in rows + [("chapter", "status", "seconds", "")]) for i in range(3)]
@@ -292,7 +314,9 @@ def track(chapter_out: Path, src: Path, profile: str, given: dict) -> dict:
     params = {**{n: p["default"] for n, p in chapter_parameters(src).items()}, **given, "profile": profile}
     try: return track_chapter(chapter_out, params)
     except Exception as e:
-        print(f"slmops run: {src.stem}: MLflow tracking failed ({type(e).__name__}: {e}); the chapter's results are on disk.", flush=True)
+        print(
+            f"slmops run: {src.stem}: MLflow tracking failed ({type(e).__name__}: {e}); the chapter's results are on disk.",
+            flush=True)
         return {"error": f"{type(e).__name__}: {e}"}
 
 # %% ../nbs/00l_runner.ipynb #r054
@@ -314,8 +338,10 @@ def run_workbook(chapters: list[str] | None = None, profile: str = "default", ou
         print(f"[{i}/{len(paths)}] {src.stem} ...", flush=True)
         try: res = run_chapter(src, run/src.stem, profile, per_chapter[src.stem], progress)
         except Stopped:
-            summary["chapters"].append({"chapter": src.stem, "status": "interrupted", "seconds": 0.0, "notebook": str(run/src.stem/src.name),
-                                        "error": "interrupted", "metrics": {}, "plots": []})
+            summary["chapters"].append({
+                "chapter": src.stem, "status": "interrupted", "seconds": 0.0,
+                "notebook": str(run / src.stem / src.name), "error": "interrupted", "metrics": {}, "plots": []
+            })
             write_summary(run, summary)
             raise
         if not res["error"]: res["tracking"] = track(run/src.stem, src, profile, per_chapter[src.stem])

@@ -12,7 +12,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import weakref
 from pathlib import Path
@@ -20,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from fastcore.basics import patch
+
+from .child import child_command
 from .core import SlmopsError, atomic_dir, read_json, write_json
 from .data import Task, chat_text, load_chat_tokenizer, render_chat, stop_token_ids
 # evaluate and models import PyTorch: a server of an ONNX or GGUF folder does without it, so they come where used
@@ -36,14 +38,18 @@ class ChatModel:
     context_length: int = 0
     chat_tokenizer = None  # a Hugging Face tokenizer: its chat template renders the prompt
     token_probs = False  # whether stream(..., probs=[]) collects each answer token's probability
-    can_guide = False  # whether stream(..., guidance=(kind, spec)) constrains the answer (ONNX Runtime GenAI's set_guidance)
+    # whether stream(..., guidance=(kind, spec)) constrains the answer (ONNX Runtime GenAI's set_guidance)
+    can_guide = False
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         "Token ids of `messages` rendered by the chat template, ready for the answer."
-        if self.chat_tokenizer is None: raise SlmopsError(f"{self.name}: no model loaded, so no chat template to render.")
-        return self.chat_tokenizer(render_chat(self.chat_tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+        if self.chat_tokenizer is None:
+            raise SlmopsError(f"{self.name}: no model loaded, so no chat template to render.")
+        return self.chat_tokenizer(render_chat(self.chat_tokenizer, messages, True),
+                                   add_special_tokens=False)["input_ids"]
 
-    def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, **kw): raise NotImplementedError
+    def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, **kw):
+        raise NotImplementedError
 
     def close(self): "Free what the runtime holds outside Python (most hold nothing: garbage collection frees them)."
 
@@ -62,7 +68,8 @@ class ChatModel:
         return "".join(self.chat_stream(messages, max_new_tokens, **kw)).strip()
 
     def predict(self, task: Task, records: list[dict], **kw) -> list[str]:
-        "The answers to a task's records: a label each for a classifier, text for a generator (the budget of `answer_budget`)."
+        """The answers to a task's records: a label each for a classifier, text for a generator (the budget of
+        `answer_budget`)."""
         from slmops_nb.evaluate import answer_budget, task_answer
         budget = answer_budget(self.chat_tokenizer, task)
         answers = [self.chat(task.messages(r), budget, **kw) for r in records]
@@ -76,7 +83,8 @@ class TorchModel(ChatModel):
         self.folder, self.name = folder, name
         self.model, self.tokenizer = load_model(folder).eval(), load_tokenizer(folder)
         self.chat_tokenizer = self.tokenizer
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.context_length = getattr(self.model.config, "max_position_embeddings",
+                                      None) or self.tokenizer.model_max_length
 
     def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False):
         "Yield the answer's text token by token while `generate` runs in a thread."
@@ -93,8 +101,8 @@ class TorchModel(ChatModel):
         def run():
             try:
                 with torch.no_grad():
-                    self.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                                        min_new_tokens=max_new_tokens if ignore_eos else 0,
+                    self.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=stop, min_new_tokens=max_new_tokens if ignore_eos else 0,
                                         pad_token_id=self.tokenizer.pad_token_id, streamer=Relay())
             except Exception as e: failure.append(e)
             finally: tokens.put(None)
@@ -118,8 +126,9 @@ def check_genai_folder(folder) -> Path:
     "`folder`, if it is an ONNX Runtime GenAI model folder; else an error that says what it is and how to convert it."
     folder = Path(folder)
     if not folder.is_dir():
-        raise SlmopsError(f"{folder}: no such folder (relative paths start at {Path.cwd()}). Give an ONNX Runtime GenAI "
-                          "model folder, such as chapter 04's ort_int4 in a run folder.")
+        raise SlmopsError(
+            f"{folder}: no such folder (relative paths start at {Path.cwd()}). Give an ONNX Runtime GenAI "
+            "model folder, such as chapter 04's ort_int4 in a run folder.")
     missing = [f for f in GENAI_FILES if not (folder/f).exists()]
     if missing:
         what = "a Hugging Face model folder, not" if (folder/"config.json").exists() else "not"
@@ -129,13 +138,15 @@ def check_genai_folder(folder) -> Path:
 
 # %% ../nbs/00g_runtimes.ipynb #c013t
 def cpu_threads() -> int:
-    "The threads ONNX Runtime and llama.cpp get: `OMP_NUM_THREADS` when it is set, else one a physical core (ONNX Runtime's default)."
+    """The threads ONNX Runtime and llama.cpp get: `OMP_NUM_THREADS` when it is set, else one a physical core (ONNX
+    Runtime's default)."""
     limit = os.environ.get("OMP_NUM_THREADS", "")
     return int(limit) if limit.isdigit() and int(limit) > 0 else psutil.cpu_count(logical=False) or 1
 
 # %% ../nbs/00g_runtimes.ipynb #c014
 class GenAIModel(ChatModel):
-    "An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters per request."
+    """An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters
+    per request."""
     token_probs = True  # stream(..., probs=[]) reports how sure the model was of each token
     can_guide = True  # stream(..., guidance=...) constrains the answer
     def __init__(self, folder, name: str | None = None):
@@ -144,7 +155,8 @@ class GenAIModel(ChatModel):
         self.name = name or self.folder.name
         config = og.Config(str(self.folder))
         if os.environ.get("OMP_NUM_THREADS"):  # a thread limit, which ONNX Runtime does not read itself
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
+            config.overlay(
+                json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = load_chat_tokenizer(self.folder)  # the chat template and the stop tokens
@@ -164,7 +176,9 @@ class GenAIModel(ChatModel):
 
     def load_adapter(self, name: str, path) -> GenAIModel:
         "Load an `.onnx_adapter` file under `name` (the model must have been exported with adapters)."
-        if not Path(path).exists(): raise SlmopsError(f"Adapter file {path} not found: export one with olive_build(base, out, adapter_path=...).")
+        if not Path(path).exists():
+            raise SlmopsError(
+                f"Adapter file {path} not found: export one with olive_build(base, out, adapter_path=...).")
         if self.adapters is None: self.adapters = self.og.Adapters(self.model)
         self.adapters.load(str(path), name)
         self.adapter_names.append(name)
@@ -175,83 +189,91 @@ class GenAIModel(ChatModel):
         text = render_chat(self.chat_tokenizer, messages, True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def stream(self, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None,
-               probs: list | None = None, guidance: tuple[str, str] | None = None):
-        "Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's probability into `probs`; only what `guidance` (kind, spec) allows."
-        if adapter is not None and adapter not in self.adapter_names:
-            raise SlmopsError(f"Unknown adapter {adapter!r}: loaded are {self.adapter_names}.")
-        self.check_fits(ids, max_new_tokens)
-        params = self.params(max_length=len(ids) + max_new_tokens, do_sample=False,
-                             min_length=len(ids) + max_new_tokens if ignore_eos else 0)
-        if guidance: params.set_guidance(*guidance)
+# %% ../nbs/00g_runtimes.ipynb #c014s1
+@patch
+def stream(self: GenAIModel, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None,
+           probs: list | None = None, guidance: tuple[str, str] | None = None):
+    """Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's
+    probability into `probs`; only what `guidance` (kind, spec) allows."""
+    if adapter is not None and adapter not in self.adapter_names:
+        raise SlmopsError(f"Unknown adapter {adapter!r}: loaded are {self.adapter_names}.")
+    self.check_fits(ids, max_new_tokens)
+    params = self.params(max_length=len(ids) + max_new_tokens, do_sample=False,
+                         min_length=len(ids) + max_new_tokens if ignore_eos else 0)
+    if guidance: params.set_guidance(*guidance)
+    gen = self.og.Generator(self.model, params)
+    if adapter is not None: gen.set_active_adapter(self.adapters, adapter)
+    try: gen.append_tokens(ids)
+    except RuntimeError as e:
+        if adapter is None and "/lora_A/" in str(e) and "MatMulNBits" in str(e):
+            raise SlmopsError(
+                f"{self.folder}: this int4 model holds quantized LoRA inputs, and ONNX Runtime GenAI 0.14.1 cannot "
+                "run them empty: pass adapter=<a loaded adapter's name>, or export the base at fp32 to switch "
+                "adapters on and off (chapter 04 does).") from e
+        raise
+    decoder = self.tokenizer.create_stream()
+    while not gen.is_done():
+        # the next token's
+        if probs is not None: logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
+        gen.generate_next_token()
+        token = int(gen.get_next_tokens()[0])
+        # its softmax probability
+        if probs is not None: probs.append(float(1 / np.exp(logits - logits[token]).sum()))
+        if token in self.stop_ids and not ignore_eos: break
+        yield decoder.decode(token)
+
+# %% ../nbs/00g_runtimes.ipynb #c014s2
+@patch
+def check_guidance(self: GenAIModel, kind: str, spec: str):
+    """Raise ONNX Runtime GenAI's error when it cannot compile `spec` (a JSON schema, Lark grammar or regex) for
+    this model."""
+    params = self.params(max_length=8)
+    params.set_guidance(kind, spec)
+    self.og.Generator(self.model, params)  # the grammar is compiled against the tokenizer here
+
+@patch
+def next_token_logits(self: GenAIModel, prompts: list[str]) -> np.ndarray:
+    """The logits of the token after each prompt, from the ids the folder's Hugging Face tokenizer gives (as
+    `evaluate.next_token_logits`)."""
+    rows = []
+    for p in prompts:
+        ids = self.chat_tokenizer(chat_text(self.chat_tokenizer, p), add_special_tokens=False)["input_ids"]
+        params = self.params(max_length=len(ids) + 1)
         gen = self.og.Generator(self.model, params)
-        if adapter is not None: gen.set_active_adapter(self.adapters, adapter)
-        try: gen.append_tokens(ids)
-        except RuntimeError as e:
-            if adapter is None and "/lora_A/" in str(e) and "MatMulNBits" in str(e):
-                raise SlmopsError(f"{self.folder}: this int4 model holds quantized LoRA inputs, and ONNX Runtime GenAI 0.14.1 cannot "
-                                  "run them empty: pass adapter=<a loaded adapter's name>, or export the base at fp32 to switch "
-                                  "adapters on and off (chapter 04 does).") from e
-            raise
-        decoder = self.tokenizer.create_stream()
-        while not gen.is_done():
-            if probs is not None: logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)  # the next token's
-            gen.generate_next_token()
-            token = int(gen.get_next_tokens()[0])
-            if probs is not None: probs.append(float(1 / np.exp(logits - logits[token]).sum()))  # its softmax probability
-            if token in self.stop_ids and not ignore_eos: break
-            yield decoder.decode(token)
+        gen.append_tokens(ids)
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
 
-    def check_guidance(self, kind: str, spec: str):
-        "Raise ONNX Runtime GenAI's error when it cannot compile `spec` (a JSON schema, Lark grammar or regex) for this model."
-        params = self.params(max_length=8)
-        params.set_guidance(kind, spec)
-        self.og.Generator(self.model, params)  # the grammar is compiled against the tokenizer here
-
-    def next_token_logits(self, prompts: list[str]) -> np.ndarray:
-        "The logits of the token after each prompt, from the ids the folder's Hugging Face tokenizer gives (as `evaluate.next_token_logits`)."
-        rows = []
-        for p in prompts:
-            ids = self.chat_tokenizer(chat_text(self.chat_tokenizer, p), add_special_tokens=False)["input_ids"]
-            params = self.params(max_length=len(ids) + 1)
-            gen = self.og.Generator(self.model, params)
-            gen.append_tokens(ids)
-            rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
-        return np.stack(rows)
-
-# %% ../nbs/00g_runtimes.ipynb #c016c
-# what llama.cpp runs first: load a GGUF and take one greedy token
-_ANSWER = """
-import sys
-from llama_cpp import Llama
-llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
-next(llm.generate(llm.tokenize(b"hello", add_bos=False), temp=0.0, top_k=1))
-"""
+# %% ../nbs/00g_runtimes.ipynb #c016c2
 _answered = set()  # (model.gguf, its mtime): checked once a process
 
 def check_llama_cpp(folder) -> Path:
-    "A GGUF `folder` once llama.cpp has answered with it in a process of its own: a build this CPU cannot run is refused with the fix, without taking this process down."
+    """A GGUF `folder` once llama.cpp has answered with it in a process of its own: a build this CPU cannot run is
+    refused with the fix, without taking this process down."""
     gguf = Path(folder).resolve()/"model.gguf"
     key = (gguf, gguf.stat().st_mtime_ns)
     if key in _answered: return Path(folder)
-    r = subprocess.run([sys.executable, "-c", _ANSWER, str(gguf)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(child_command("llama_answer", gguf), capture_output=True, text=True, timeout=600)
     if r.returncode < 0:
-        raise SlmopsError(f"llama.cpp died ({signal.Signals(-r.returncode).name}) answering with {folder}: its build uses an instruction "
-                          "this CPU lists but cannot run (Intel AMX in a virtual machine, for one). Rebuild it without: CMAKE_ARGS=\""
-                          "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 "
-                          "-mno-amx-bf16'\" pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+        raise SlmopsError(
+            f"llama.cpp died ({signal.Signals(-r.returncode).name}) answering with {folder}: its build uses an instruction "
+            "this CPU lists but cannot run (Intel AMX in a virtual machine, for one). Rebuild it without: CMAKE_ARGS=\""
+            "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 "
+            "-mno-amx-bf16'\" pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
     if r.returncode: raise SlmopsError(f"llama.cpp could not answer with {folder}:\n{r.stderr[-1500:]}")
     _answered.add(key)
     return Path(folder)
 
 # %% ../nbs/00g_runtimes.ipynb #c016d
 class LlamaCppModel(ChatModel):
-    "A GGUF folder (`model.gguf` and the tokenizer files) run by llama.cpp through llama-cpp-python: greedy streaming, the prompt from the Hugging Face chat template."
+    """A GGUF folder (`model.gguf` and the tokenizer files) run by llama.cpp through llama-cpp-python: greedy
+    streaming, the prompt from the Hugging Face chat template."""
     def __init__(self, folder, name: str | None = None, threads: int | None = None):
         try: from llama_cpp import Llama
         except ImportError as e:
-            raise SlmopsError("llama.cpp needs the llama extra: pip install 'slmops_nb[llama]' (it builds llama-cpp-python "
-                              "from source, a few minutes).") from e
+            raise SlmopsError(
+                "llama.cpp needs the llama extra: pip install 'slmops_nb[llama]' (it builds llama-cpp-python "
+                "from source, a few minutes).") from e
         self.folder = Path(folder).resolve()
         if not (self.folder/"model.gguf").exists():
             raise SlmopsError(f"{self.folder} holds no model.gguf: make a GGUF folder with gguf_export (chapter 04).")
@@ -287,7 +309,8 @@ class LlamaCppModel(ChatModel):
 
 # %% ../nbs/00g_runtimes.ipynb #c018
 def prompt_template(tokenizer) -> dict:
-    "Foundry Local's PromptTemplate from a tokenizer's chat template: `{Content}` marks where each message goes (no system part where the template has no system role)."
+    """Foundry Local's PromptTemplate from a tokenizer's chat template: `{Content}` marks where each message goes (no
+    system part where the template has no system role)."""
     from jinja2.exceptions import TemplateError
     def render(role, gen=False): return render_chat(tokenizer, [{"role": role, "content": "{Content}"}], gen)
     try: system = render("system")
@@ -301,15 +324,19 @@ def foundry_model_folder(genai_folder, out, name: str) -> Path:
     cfg = read_json(src/"genai_config.json")
     with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        write_json(tmp/"inference_model.json", {
-            "Name": name, "PromptTemplate": prompt_template(load_chat_tokenizer(src)),
-            "ModelConfig": {"context_length": cfg["model"]["context_length"], "eos_token_id": cfg["model"]["eos_token_id"],
-                            "execution_provider": "CPUExecutionProvider", "task": "chat-completion"}})
+        write_json(
+            tmp / "inference_model.json", {
+                "Name": name, "PromptTemplate": prompt_template(load_chat_tokenizer(src)), "ModelConfig": {
+                    "context_length": cfg["model"]["context_length"], "eos_token_id": cfg["model"]["eos_token_id"],
+                    "execution_provider": "CPUExecutionProvider", "task": "chat-completion"
+                }
+            })
     return Path(out)
 
 # %% ../nbs/00g_runtimes.ipynb #c022b
 def genai_copy(genai_folder, out, edit) -> Path:
-    "A copy of a GenAI folder (its files hard-linked where the file system allows) whose genai_config.json `edit(cfg)` changes in place."
+    """A copy of a GenAI folder (its files hard-linked where the file system allows) whose genai_config.json
+    `edit(cfg)` changes in place."""
     src = check_genai_folder(genai_folder).resolve()
     cfg = read_json(src/"genai_config.json")
     edit(cfg)
@@ -329,9 +356,11 @@ def throughput_copy(genai_folder, out) -> Path:
 
 # %% ../nbs/00g_runtimes.ipynb #c025
 class FoundryLocal(ChatModel):
-    "Foundry Local in-process (foundry-local-sdk): app data under `home`, bring-your-own-model registration, load, chat."
+    """Foundry Local in-process (foundry-local-sdk): app data under `home`, bring-your-own-model registration, load,
+    chat."""
     def __init__(self, home, app_name: str = "slmops"):
-        import onnxruntime_genai  # noqa: F401  load 0.14.1 before Foundry's genai core 0.18, or importing it later fails
+        # load 0.14.1 before Foundry's genai core 0.18, or importing it later fails
+        import onnxruntime_genai  # noqa: F401
         from foundry_local_sdk import CatalogType, Configuration, FoundryLocalManager
         home = Path(home).resolve()
         for d in ("app", "models", "logs"): (home/d).mkdir(parents=True, exist_ok=True)
@@ -346,40 +375,50 @@ class FoundryLocal(ChatModel):
     def _register(self, folder, model_id: str):
         from foundry_local_sdk import ModelInfoBuilder
         folder = check_genai_folder(folder).resolve()
-        if ":" not in model_id: raise SlmopsError(f"Foundry Local model ids are name:version, got {model_id!r} (try {model_id}:1).")
-        if self.catalog.get_model_variant(model_id) is not None: self.catalog.unregister_model(model_id)  # a re-run: register anew
+        if ":" not in model_id:
+            raise SlmopsError(f"Foundry Local model ids are name:version, got {model_id!r} (try {model_id}:1).")
+        # a re-run: register anew
+        if self.catalog.get_model_variant(model_id) is not None: self.catalog.unregister_model(model_id)
         model = self.catalog.register_model(model_path=str(folder), model_id=model_id,
                                             metadata=ModelInfoBuilder().set_string_property("task", "chat-completion"))
         model.load()
         return model
 
     def register(self, folder, model_id: str, throughput_folder=None):
-        "Register a Foundry Local model folder as `name:version` (chat-completion) and load it; also its throughput copy."
+        """Register a Foundry Local model folder as `name:version` (chat-completion) and load it; also its throughput
+        copy."""
         self.model = self._register(folder, model_id)
-        self.name, self.context_length = model_id, read_json(Path(folder)/"genai_config.json")["model"]["context_length"]
+        self.name = model_id
+        self.context_length = read_json(Path(folder)/"genai_config.json")["model"]["context_length"]
         self.chat_tokenizer = load_chat_tokenizer(folder)  # Foundry renders the chat itself; the ids count the prompt
-        if throughput_folder: self.throughput_model = self._register(throughput_folder, model_id.replace(":", "-throughput:"))
+        if throughput_folder:
+            self.throughput_model = self._register(throughput_folder, model_id.replace(":", "-throughput:"))
         return self.model
 
-    def chat_stream(self, messages: list[dict], max_new_tokens: int = 32, ignore_eos: bool = False):
-        "Yield the answer's text as Foundry Local streams it (greedy; a fresh session per request, no history)."
-        from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
-        if self.model is None: raise SlmopsError("No model registered: call register(folder, 'name:1') first.")
-        if ignore_eos and self.throughput_model is None:
-            raise SlmopsError("ignore_eos needs the throughput copy: register(folder, id, throughput_folder=throughput_copy(...)).")
-        make = {"system": MessageItem.system, "user": MessageItem.user, "assistant": MessageItem.assistant}
-        with self.lock, ChatSession(self.throughput_model if ignore_eos else self.model) as session, Request() as request:
-            session.set_options(RequestOptions(search=SearchOptions(max_output_tokens=max_new_tokens, do_sample=False)))
-            session.set_streaming(True)
-            for m in messages: request.add_item(make[m["role"]](m["content"]))
-            for item in session.process_streaming_request(request):
-                text = _item_text(item)
-                if text: yield text
+# %% ../nbs/00g_runtimes.ipynb #c025s1
+@patch
+def chat_stream(self: FoundryLocal, messages: list[dict], max_new_tokens: int = 32, ignore_eos: bool = False):
+    "Yield the answer's text as Foundry Local streams it (greedy; a fresh session per request, no history)."
+    from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
+    if self.model is None: raise SlmopsError("No model registered: call register(folder, 'name:1') first.")
+    if ignore_eos and self.throughput_model is None:
+        raise SlmopsError(
+            "ignore_eos needs the throughput copy: register(folder, id, throughput_folder=throughput_copy(...)).")
+    make = {"system": MessageItem.system, "user": MessageItem.user, "assistant": MessageItem.assistant}
+    with self.lock, ChatSession(
+            self.throughput_model if ignore_eos else self.model) as session, Request() as request:
+        session.set_options(RequestOptions(search=SearchOptions(max_output_tokens=max_new_tokens, do_sample=False)))
+        session.set_streaming(True)
+        for m in messages: request.add_item(make[m["role"]](m["content"]))
+        for item in session.process_streaming_request(request):
+            text = _item_text(item)
+            if text: yield text
 
-    def close(self):
-        "Unload the models (the in-process runtime stays up for the process: it is a singleton)."
-        for m in (self.model, self.throughput_model):
-            if m is not None and m.is_loaded: m.unload()
+@patch
+def close(self: FoundryLocal):
+    "Unload the models (the in-process runtime stays up for the process: it is a singleton)."
+    for m in (self.model, self.throughput_model):
+        if m is not None and m.is_loaded: m.unload()
 
 # %% ../nbs/00g_runtimes.ipynb #c026
 def _item_text(item) -> str:
@@ -396,21 +435,27 @@ def foundry_model_id(name: str) -> str:
     return name.replace("/", ":") if "/" in name else f"{name}:1"
 
 def load_runtime(kind: str, model, name: str | None = None, foundry_home=None, registry=None) -> ChatModel:
-    "A chat model of runtime `kind` (pytorch, genai, llamacpp, foundry or auto) from a folder or a registered `models:/NAME@ALIAS` (in `registry`)."
+    """A chat model of runtime `kind` (pytorch, genai, llamacpp, foundry or auto) from a folder or a registered
+    `models:/NAME@ALIAS` (in `registry`)."""
     from slmops_nb.registry import model_version
     folder, version = model_version(model, registry)
     if kind == "auto":
-        kind = "genai" if (folder/"genai_config.json").exists() else "llamacpp" if (folder/"model.gguf").exists() else "pytorch"
+        kind = "genai" if (folder /
+                           "genai_config.json").exists() else "llamacpp" if (folder /
+                                                                             "model.gguf").exists() else "pytorch"
     name = name or version
     if kind == "pytorch": return TorchModel(folder, name)
     if kind == "genai": return GenAIModel(folder, name)
     if kind == "llamacpp": return LlamaCppModel(folder, name)
     if kind == "foundry":
         if foundry_home is None:
-            raise SlmopsError("A foundry runtime needs a folder for Foundry Local's app data: foundry_home (slmops serve --foundry-home DIR).")
+            raise SlmopsError(
+                "A foundry runtime needs a folder for Foundry Local's app data: foundry_home (slmops serve --foundry-home DIR)."
+            )
         home, model_id = Path(foundry_home), foundry_model_id(name)
         local = model_id.replace(":", "-")
-        if not (folder/"inference_model.json").exists():  # an exported folder: Foundry Local's model folder made from it
+        # an exported folder: Foundry Local's model folder made from it
+        if not (folder/"inference_model.json").exists():
             folder = foundry_model_folder(folder, home/"models"/local, model_id.split(":")[0])
         fl = FoundryLocal(home)
         fl.register(folder, model_id, throughput_copy(folder, home/"throughput"/local))

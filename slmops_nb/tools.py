@@ -5,7 +5,6 @@
 # %% ../nbs/00h_tools.ipynb #c002
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .child import child_command
 from .core import SlmopsError, atomic_dir, write_json
 from .data import load_records, template_fields
 from .measure import PeakMemory, Timer
@@ -41,13 +41,18 @@ def _relocate(tmp: Path, final: Path):
 
 # %% ../nbs/00h_tools.ipynb #c009
 def run_tool(name: str, command: Callable[[Path], list], out, expect: list[str], timeout: float | None = None,
-             threads: int | None = None, scratch: tuple[str, ...] = (), title: str | None = None, env: dict | None = None) -> Path:
-    "Run `command(tmp)` (with `env` added to the environment) in a temporary folder that replaces `out` only if it succeeds and holds every path in `expect`."
+             threads: int | None = None, scratch: tuple[str, ...] = (), title: str | None = None,
+             env: dict | None = None) -> Path:
+    """Run `command(tmp)` (with `env` added to the environment) in a temporary folder that replaces `out` only if it
+    succeeds and holds every path in `expect`."""
     out = Path(out).resolve()
     log = out.with_name(f"{out.name}.{name}.log")
     # tools that share the machine each get a few CPU threads: PyTorch takes every core by default, and two such
     # processes on the same cores slow each other down several times over
-    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
+    env = {
+        **os.environ, **(env or {}),
+        **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
+    }
     with atomic_dir(out) as tmp:
         cmd = [str(c) for c in command(tmp)]
         with open(log, "w") as f, Timer() as t:
@@ -74,18 +79,29 @@ OLIVE_QUIET = {"OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"}
 
 def run_olive(args: list, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Run `olive ARGS -o OUT` and check that OUT holds every path in `expect`; OUT is replaced only on success."
-    return run_tool("olive", lambda tmp: [sys.executable, "-m", "olive", *args, "-o", tmp], out, expect, timeout, threads,
-                    scratch=(".olive-cache",), title=f"olive {args[0]}", env=OLIVE_QUIET)  # Olive's cache: its working folder
+    return run_tool(
+        "olive",
+        lambda tmp: [sys.executable, "-m", "olive", *args, "-o", tmp],
+        out,
+        expect,
+        timeout,
+        threads,
+        # Olive's cache: its working folder
+        scratch=(".olive-cache", ),
+        title=f"olive {args[0]}",
+        env=OLIVE_QUIET)
 
 # %% ../nbs/00h_tools.ipynb #c015
 OLIVE_METHODS = ("lora", "qlora")
 
 def _finetune_data(method: str, r: int, data_file, text_template: str) -> tuple[Path, list[dict]]:
     "Check the arguments of a fine-tuning workflow before Olive starts; returns the data file and its records."
-    if method not in OLIVE_METHODS: raise SlmopsError(f"Unknown Olive fine-tuning method {method!r}: use one of {OLIVE_METHODS}.")
+    if method not in OLIVE_METHODS:
+        raise SlmopsError(f"Unknown Olive fine-tuning method {method!r}: use one of {OLIVE_METHODS}.")
     if r < 1: raise SlmopsError(f"LoRA rank must be at least 1, got {r}.")
     data_file = Path(data_file).resolve()
-    return data_file, load_records(data_file, columns=template_fields(text_template))  # a missing column fails here, clearly
+    # a missing column fails here, clearly
+    return data_file, load_records(data_file, columns=template_fields(text_template))
 
 # %% ../nbs/00h_tools.ipynb #c016
 def _data_format(data_file: Path) -> str: return {".csv": "csv"}.get(data_file.suffix.lower(), "json")
@@ -97,32 +113,47 @@ def olive_finetune(base, data_file, text_template: str, out, method: str = "lora
                    threads: int | None = None) -> Path:
     "Fine-tune `base` (workbench name or folder) with `olive finetune --method lora|qlora`; returns the output folder."
     data_file, records = _finetune_data(method, r, data_file, text_template)
-    args = ["finetune", "--method", method, "-m", Path(resolve_model(base)).resolve(), "-d", _data_format(data_file),
-            "--data_files", data_file, "--train_split", "train", "--text_template", text_template, "--max_samples", len(records),
-            "--max_seq_len", max_seq_len, "--torch_dtype", torch_dtype, "--lora_r", r, "--lora_alpha", alpha]
+    args = [
+        "finetune", "--method", method, "-m",
+        Path(resolve_model(base)).resolve(), "-d",
+        _data_format(data_file), "--data_files", data_file, "--train_split", "train", "--text_template", text_template,
+        "--max_samples",
+        len(records), "--max_seq_len", max_seq_len, "--torch_dtype", torch_dtype, "--lora_r", r, "--lora_alpha", alpha
+    ]
     if target_modules: args += ["--target_modules", ",".join(target_modules)]
     for k, v in (training_args or {}).items(): args += [f"--{k}", v]
     args.append("--save_config_file")  # config.json: the workflow Olive ran, reusable with `olive run --config`
     if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout, threads)
-    return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"], timeout, threads)
+    return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+                     timeout, threads)
 
 # %% ../nbs/00h_tools.ipynb #c024a
-def text_data_config(name: str, data_file, text_template: str, max_seq_len: int, max_samples: int, strategy: str | None = None) -> dict:
-    "An Olive data config: the rows of a local JSON / CSV file as texts made by `text_template` (the one `olive finetune` writes); a relative path is taken from here, not from Olive's working folder."
-    text = {"text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
-            "max_samples": max_samples, **({"strategy": strategy} if strategy else {})}
-    return {"name": name, "type": "HuggingfaceContainer",
-            "load_dataset_config": {"data_name": _data_format(Path(data_file)), "split": "train", "data_files": [str(Path(data_file).resolve())]},
-            "pre_process_data_config": text, "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}}
+def text_data_config(name: str, data_file, text_template: str, max_seq_len: int, max_samples: int,
+                     strategy: str | None = None) -> dict:
+    """An Olive data config: the rows of a local JSON / CSV file as texts made by `text_template` (the one `olive
+    finetune` writes); a relative path is taken from here, not from Olive's working folder."""
+    text = {
+        "text_template": text_template, "chat_template": False, "max_seq_len": max_seq_len, "add_special_tokens": False,
+        "max_samples": max_samples, **({"strategy": strategy} if strategy else {})
+    }
+    return {
+        "name": name, "type": "HuggingfaceContainer", "load_dataset_config": {
+            "data_name": _data_format(Path(data_file)), "split": "train",
+            "data_files": [str(Path(data_file).resolve())]
+        }, "pre_process_data_config": text, "dataloader_config": {"batch_size": 1}, "post_process_data_config": {}
+    }
 
 # %% ../nbs/00h_tools.ipynb #c023x
 OLIVE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
 
 def olive_workflow(input_model: dict, passes: dict, device: str = "cpu", **extra) -> dict:
-    "An Olive workflow on this machine: `input_model` through `passes` (in order) on `device`; `extra`: more top-level keys."
+    """An Olive workflow on this machine: `input_model` through `passes` (in order) on `device`; `extra`: more
+    top-level keys."""
     if device not in OLIVE_PROVIDERS:
         raise SlmopsError(f"Unknown device {device!r} for an Olive workflow: use one of {list(OLIVE_PROVIDERS)}.")
-    system = {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [OLIVE_PROVIDERS[device]]}]}
+    system = {
+        "type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [OLIVE_PROVIDERS[device]]}]
+    }
     return {"input_model": input_model, "systems": {"local_system": system}, "passes": passes,
             "host": "local_system", "target": "local_system", "log_severity_level": 3, **extra}
 
@@ -133,10 +164,12 @@ def finetune_workflow(base, data_file, text_template: str, method: str = "lora",
                       target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
                       training_args: dict | None = None, device: str = "cpu", strategy: str | None = None,
                       dropout: float | None = None) -> dict:
-    "The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on `data_file`; `strategy` and `dropout` are what its flags cannot set."
+    """The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on
+    `data_file`; `strategy` and `dropout` are what its flags cannot set."""
     data_file, records = _finetune_data(method, r, data_file, text_template)
     if strategy not in (None, *OLIVE_STRATEGIES):
-        raise SlmopsError(f"Unknown Olive data strategy {strategy!r}: use one of {OLIVE_STRATEGIES} (None: Olive's default, join).")
+        raise SlmopsError(
+            f"Unknown Olive data strategy {strategy!r}: use one of {OLIVE_STRATEGIES} (None: Olive's default, join).")
     lora = {"train_data_config": "train_data", "type": method, "torch_dtype": torch_dtype,
             "training_args": dict(training_args or {}), "r": r, "alpha": alpha}
     # as Olive's command does: --target_modules only for LoRA (its QLoRA targets every linear layer but lm_head)
@@ -145,40 +178,40 @@ def finetune_workflow(base, data_file, text_template: str, method: str = "lora",
     if dropout is not None: lora["lora_dropout"] = dropout  # Olive's default is 0.05
     model = {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
              "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}}
-    return olive_workflow(model, {"f": lora}, device, no_artifacts=True,
-                          data_configs=[text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)])
+    return olive_workflow(
+        model, {"f": lora}, device, no_artifacts=True,
+        data_configs=[text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)])
 
 # %% ../nbs/00h_tools.ipynb #c025
 def _workflow_file(path, config: dict) -> Path:
     "`config` written to `path` for `olive run --config`, without an output folder: the `-o` of the run gives it."
     return write_json(path, {k: v for k, v in config.items() if k != "output_dir"})
 
-def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
+def olive_run_config(config: dict, out, expect: list[str], timeout: float | None = None,
+                     threads: int | None = None) -> Path:
     "Write an Olive workflow `config` next to `out` and run `olive run --config` on it into `out`."
     out = Path(out).resolve()
-    return run_olive(["run", "--config", _workflow_file(out.with_name(out.name + ".olive.json"), config)], out, expect, timeout, threads)
+    return run_olive(
+        ["run", "--config", _workflow_file(out.with_name(out.name + ".olive.json"), config)], out, expect, timeout,
+        threads)
 
 # %% ../nbs/00h_tools.ipynb #c030
-# the batch: Olive's command line (olive.cli.launcher.main, what `python -m olive` calls), once per run, in one process
-_OLIVE_BATCH = """import json, sys
-from olive.cli.launcher import main
-for args in json.loads(sys.argv[1]):
-    print("$ olive", *args, flush=True)
-    main(args, called_as_console_script=False)
-"""
-
 def run_olive_batch(jobs: dict[str, list], out, expect: list[str], timeout: float | None = None,
                     threads: int | None = None) -> dict[str, Path]:
-    "Run `olive ARGS -o out/NAME` for each NAME, ARGS of `jobs`, one after the other in one Python process; `out` is replaced only if every run wrote every path in `expect`."
-    command = lambda tmp: [sys.executable, "-c", _OLIVE_BATCH,
-                           json.dumps([[*map(str, args), "-o", str(tmp/name)] for name, args in jobs.items()])]
+    """Run `olive ARGS -o out/NAME` for each NAME, ARGS of `jobs`, one after the other in one Python process; `out` is
+    replaced only if every run wrote every path in `expect`."""
+    command = lambda tmp: child_command("olive_batch", [[*map(str, args), "-o", tmp/name] for name, args in jobs.items()])
     folder = run_tool("olive", command, out, [f"{name}/{e}" for name in jobs for e in expect], timeout, threads,
                       scratch=(".olive-cache",), title=f"olive ({len(jobs)} runs in one process)", env=OLIVE_QUIET)
     return {name: folder/name for name in jobs}
 
 def olive_run_configs(configs: dict[str, dict], out, expect: list[str], timeout: float | None = None,
                       threads: int | None = None) -> dict[str, Path]:
-    "`olive run --config` on each workflow of `configs` into out/NAME, all in one process (`run_olive_batch`); the configs are written to `out`.olive/NAME.json."
+    """`olive run --config` on each workflow of `configs` into out/NAME, all in one process (`run_olive_batch`); the
+    configs are written to `out`.olive/NAME.json."""
     out = Path(out).resolve()
-    paths = {name: _workflow_file(out.with_name(out.name + ".olive")/f"{name}.json", cfg) for name, cfg in configs.items()}
+    paths = {
+        name: _workflow_file(out.with_name(out.name + ".olive") / f"{name}.json", cfg)
+        for name, cfg in configs.items()
+    }
     return run_olive_batch({name: ["run", "--config", p] for name, p in paths.items()}, out, expect, timeout, threads)

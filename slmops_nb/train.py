@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .core import SlmopsError, pool_threads, progress_bar, widget_progress
+from .core import SlmopsError, progress_bar, widget_progress
+from .parallel import pool_threads
 from .data import DataError, Task, chat_text
 from .measure import Timer
 
@@ -31,7 +32,8 @@ def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> list[dic
 # %% ../nbs/00e_train.ipynb #c007
 def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int | None = 128, completion_only: bool = True,
                  system: str | None = None) -> list[dict]:
-    "Chat examples from (user, assistant) pairs after `system`, cut at `max_length`; with `completion_only`, only the answer is learned."
+    """Chat examples from (user, assistant) pairs after `system`, cut at `max_length`; with `completion_only`, only the
+    answer is learned."""
     out = []
     for user, answer in pairs:
         prompt = tokenizer(chat_text(tokenizer, user, system=system), add_special_tokens=False)["input_ids"]
@@ -41,18 +43,23 @@ def encode_chats(tokenizer, pairs: list[tuple[str, str]], max_length: int | None
     return out
 
 # %% ../nbs/00e_train.ipynb #c010
-def task_examples(tokenizer, task: Task, records: list[dict], max_length: int = 64, completion_only: bool = True) -> list[dict]:
-    "Tokenized chats of `records` as `task` asks them, loss on the answer only (or the whole text); refused when `max_length` (0: no limit) would cut an answer."
+def task_examples(tokenizer, task: Task, records: list[dict], max_length: int = 64,
+                  completion_only: bool = True) -> list[dict]:
+    """Tokenized chats of `records` as `task` asks them, loss on the answer only (or the whole text); refused when
+    `max_length` (0: no limit) would cut an answer."""
     examples = encode_chats(tokenizer, [(task.prompt(r), task.answer(r)) for r in records], None, completion_only,
                             system=task.system_prompt or None)
     long = [len(e["input_ids"]) for e in examples if max_length and len(e["input_ids"]) > max_length]
-    if long: raise DataError(f"{len(long)} of {len(examples)} examples take more than max_length={max_length} tokens (the longest "
-                             f"{max(long)}): their answers would be cut. Set max_length to {max(long)} or more, or shorten them.")
+    if long:
+        raise DataError(
+            f"{len(long)} of {len(examples)} examples take more than max_length={max_length} tokens (the longest "
+            f"{max(long)}): their answers would be cut. Set max_length to {max(long)} or more, or shorten them.")
     return examples
 
 # %% ../nbs/00e_train.ipynb #c012
 class PadCollator:
-    "Right-pad a batch: pad id for inputs, -100 for labels, and the attention mask (and each example's `weight` on its tokens, if it has one)."
+    """Right-pad a batch: pad id for inputs, -100 for labels, and the attention mask (and each example's `weight` on
+    its tokens, if it has one)."""
     def __init__(self, pad_id: int): self.pad_id = pad_id
     def __call__(self, batch):
         n = max(len(b["input_ids"]) for b in batch)
@@ -68,7 +75,8 @@ class PadCollator:
         if "weight" in batch[0]: out["weight"] = weight
         return self.carry(batch, out)
     def carry(self, batch, out: dict) -> dict:
-        "`out` with the examples' `teacher_logits` (rows at their labelled positions, cached by distillation) stacked in batch order."
+        """`out` with the examples' `teacher_logits` (rows at their labelled positions, cached by distillation) stacked
+        in batch order."""
         if "teacher_logits" in batch[0]: out["teacher_logits"] = torch.cat([b["teacher_logits"] for b in batch])
         return out
 
@@ -76,13 +84,18 @@ class PadCollator:
 FLAT_MAX_TOKENS = 1024  # a batch of more tokens is padded: one row's attention costs the square of its length
 
 class FlatCollator(PadCollator):
-    "A batch of at most `max_tokens` tokens as one row, its examples end to end with their own positions (padding-free); a longer one padded."
-    def __init__(self, pad_id: int, max_tokens: int = FLAT_MAX_TOKENS): super().__init__(pad_id); self.max_tokens = max_tokens
+    """A batch of at most `max_tokens` tokens as one row, its examples end to end with their own positions
+    (padding-free); a longer one padded."""
+
+    def __init__(self, pad_id: int, max_tokens: int = FLAT_MAX_TOKENS):
+        super().__init__(pad_id)
+        self.max_tokens = max_tokens
     def __call__(self, batch):
         if sum(len(b["input_ids"]) for b in batch) > self.max_tokens: return super().__call__(batch)
         def row(f): return torch.tensor([[x for b in batch for x in f(b)]])
         out = {"input_ids": row(lambda b: b["input_ids"]),
-               "labels": row(lambda b: [-100, *b["labels"][1:]]),  # an example's first token is not predicted from the one before
+               # an example's first token is not predicted from the one before
+               "labels": row(lambda b: [-100, *b["labels"][1:]]),
                "position_ids": row(lambda b: range(len(b["input_ids"]))),
                "use_cache": False}  # with a cache the models do not look for the restarts in the positions
         if "weight" in batch[0]: out["weight"] = row(lambda b: [b["weight"]] * len(b["input_ids"])).float()
@@ -110,12 +123,14 @@ class StepBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw): self.bar = progress_bar(total=state.max_steps, desc=self.name)
     def on_step_end(self, args, state, control, **kw): self.bar.update(state.global_step - self.bar.n)
     def on_log(self, args, state, control, logs=None, **kw):
-        if self.bar is not None and "loss" in (logs or {}): self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+        if self.bar is not None and "loss" in (logs or {}):
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
     def on_train_end(self, args, state, control, **kw): self.bar.close()
 
 # %% ../nbs/00e_train.ipynb #c015d
 class PoolThreads(TrainerCallback):
-    "At every step, run on the threads this process may use now (`pool_threads`: more once the other calls of its pool are done)."
+    """At every step, run on the threads this process may use now (`pool_threads`: more once the other calls of its
+    pool are done)."""
     def on_step_end(self, args, state, control, **kw):
         if (n := pool_threads()) != torch.get_num_threads(): torch.set_num_threads(n)
 
@@ -128,7 +143,8 @@ def overfitting_points(log_history: list[dict]) -> list[dict]:
         if "eval_loss" not in h: continue
         train = sum(window) / len(window) if window else prev_train
         if prev_eval is not None and prev_train is not None and h["eval_loss"] > prev_eval and train < prev_train:
-            points.append({"step": h["step"], "eval_loss": (prev_eval, h["eval_loss"]), "train_loss": (prev_train, train)})
+            points.append(
+                {"step": h["step"], "eval_loss": (prev_eval, h["eval_loss"]), "train_loss": (prev_train, train)})
         prev_eval, prev_train, window = h["eval_loss"], train, []
     return points
 
@@ -139,9 +155,10 @@ class OverfittingWarning(TrainerCallback):
     def on_evaluate(self, args, state, control, **kw):
         points = overfitting_points(state.log_history)
         for p in points[self.seen:]:
-            warnings.warn(f"{self.name}: overfitting at step {p['step']}: validation loss rose {p['eval_loss'][0]:.3f} -> "
-                          f"{p['eval_loss'][1]:.3f} while training loss fell {p['train_loss'][0]:.3f} -> {p['train_loss'][1]:.3f}. "
-                          "Early stopping keeps the best checkpoint; fewer epochs or a lower learning rate avoid it.")
+            warnings.warn(
+                f"{self.name}: overfitting at step {p['step']}: validation loss rose {p['eval_loss'][0]:.3f} -> "
+                f"{p['eval_loss'][1]:.3f} while training loss fell {p['train_loss'][0]:.3f} -> {p['train_loss'][1]:.3f}. "
+                "Early stopping keeps the best checkpoint; fewer epochs or a lower learning rate avoid it.")
         self.seen = len(points)
 
 # %% ../nbs/00e_train.ipynb #c021
@@ -152,7 +169,8 @@ def training_defaults() -> dict:
 
 # %% ../nbs/00e_train.ipynb #c023
 def run_trainer(trainer, name: str = "train") -> dict:
-    "Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab), taking the threads a pool frees (`PoolThreads`); returns the seconds and the loss history."
+    """Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab), taking the threads a pool frees
+    (`PoolThreads`); returns the seconds and the loss history."""
     trainer.add_callback(EpochLogger(name)); trainer.add_callback(PoolThreads())
     if widget_progress(): trainer.add_callback(StepBar(name))
     trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
@@ -163,21 +181,34 @@ def run_trainer(trainer, name: str = "train") -> dict:
 # %% ../nbs/00e_train.ipynb #c024
 def train_causal_lm(model, tokenizer, train: list[dict], *, eval_examples: list[dict] | None = None, epochs: float = 1,
                     lr: float = 1e-3, batch_size: int = 16, seed: int = 0, output_dir=None, name: str = "train",
-                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, patience: int | None = None, **training_args) -> dict:
-    "Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds. With `patience`, it stops when the validation loss has not improved for that many evaluations and ends on its best checkpoint (save at every evaluation: `save_strategy`)."
+                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, patience: int | None = None,
+                    **training_args) -> dict:
+    """Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds.
+    With `patience`, it stops when the validation loss has not improved for that many evaluations and ends on its
+    best checkpoint (save at every evaluation: `save_strategy`)."""
     if not train: raise SlmopsError(f"{name}: no training examples.")
     if patience is not None:
         callbacks = [EarlyStoppingCallback(patience), *callbacks]
-        training_args = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
-                             **training_args)
+        training_args = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                             save_total_limit=1, **training_args)
     out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 32), num_train_epochs=epochs, learning_rate=lr, seed=seed, data_seed=seed,
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=max(batch_size, 32),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        seed=seed,
+        data_seed=seed,
         # remove_unused_columns: the collators build the model's inputs; on, the Trainer would drop what a subclass's loss
         # reads (weight, teacher_logits)
-        **{**training_defaults(), "remove_unused_columns": False, "eval_strategy": "epoch" if eval_examples else "no", **training_args})
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval_examples, callbacks=list(callbacks),
-                          data_collator=FlatCollator(tokenizer.pad_token_id), **(trainer_kwargs or {}))
+        **{
+            **training_defaults(), "remove_unused_columns": False, "eval_strategy": "epoch" if eval_examples else "no",
+            **training_args
+        })
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval_examples,
+                          callbacks=list(callbacks), data_collator=FlatCollator(tokenizer.pad_token_id),
+                          **(trainer_kwargs or {}))
     return run_trainer(trainer, name)
 
 # %% ../nbs/00e_train.ipynb #c027
@@ -187,13 +218,15 @@ def class_weights(labels: list[str]) -> dict[str, float]:
     return {l: len(labels) / (len(counts) * c) for l, c in counts.items()}
 
 # %% ../nbs/00e_train.ipynb #c029
-def weighted_examples(examples: list[dict], records: list[dict], label_column: str, weights: dict[str, float]) -> list[dict]:
+def weighted_examples(examples: list[dict], records: list[dict], label_column: str, weights: dict[str,
+                                                                                                  float]) -> list[dict]:
     "Each encoded example with its label's weight as `weight` (what `WeightedLossTrainer` reads)."
     return [{**e, "weight": weights[str(r[label_column])]} for e, r in zip(examples, records, strict=True)]
 
 # %% ../nbs/00e_train.ipynb #c031
 class WeightedLossTrainer(Trainer):
-    "A Trainer whose loss weighs each example's answer tokens by its `weight` (class weights, per token from the collators), with optional label smoothing."
+    """A Trainer whose loss weighs each example's answer tokens by its `weight` (class weights, per token from the
+    collators), with optional label smoothing."""
     def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
