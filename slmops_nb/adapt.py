@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,11 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 from .core import SlmopsError, atomic_dir, seed_everything
 from .measure import PeakMemory
 from .models import load_base, load_model, resolve_model, save_model
-from .train import OverfittingWarning, train_causal_lm
+from .train import OverfittingWarning, TrainConfig, train_causal_lm
 
 # %% auto #0
-__all__ = ['ADAPTER_METHODS', 'lora_targets', 'check_lora', 'peft_config', 'prepare_model', 'trainable_parameters', 'finetune',
-           'load_trained', 'load_adapters', 'merge_adapter']
+__all__ = ['ADAPTER_METHODS', 'lora_targets', 'check_lora', 'FinetuneConfig', 'peft_config', 'prepare_model',
+           'trainable_parameters', 'finetune', 'load_trained', 'load_adapters', 'merge_adapter']
 
 # %% ../nbs/00ea_adapt.ipynb #t041
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PEFT
@@ -46,6 +48,27 @@ def check_lora(r: int, alpha: float, dropout: float = 0.0):
             f"LoRA alpha must be positive, got {alpha!r} (the update is scaled by alpha / rank; try 2 x rank).")
     if not 0 <= dropout < 1: raise SlmopsError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
+# %% ../nbs/00ea_adapt.ipynb #t043b
+@dataclass
+class FinetuneConfig(TrainConfig):
+    "A fine-tuning's settings, named as chapter 03's parameters: `TrainConfig`'s schedule and the adapter's shape."
+    lr: float = 3e-3  # the adapters' learning rate
+    batch_size: int = 32
+    patience: int = 1
+    full_lr: float = 5e-4  # full fine-tuning's learning rate (in a comparison of methods)
+    ia3_lr: float = 1e-1  # IA3's, which only learns scales
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 32  # LoRA alpha: the update is scaled by alpha / r
+    lora_dropout: float = 0.05  # LoRA dropout
+    target_modules: list = field(default_factory=list)  # empty: every linear layer (lora_targets)
+    max_length: int = 0  # tokens per example; 0: the task's longest
+
+    def __post_init__(self): check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
+
+    def method_lr(self, method: str) -> FinetuneConfig:
+        "This config with the learning rate of `method` (full and IA3 have their own)."
+        return replace(self, lr={"full": self.full_lr, "ia3": self.ia3_lr}.get(method, self.lr))
+
 # %% ../nbs/00ea_adapt.ipynb #t044
 def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None):
     "The PEFT config of an adapter method (no `target_modules`, or IA³: PEFT's default layers for the architecture)."
@@ -56,18 +79,19 @@ def peft_config(method: str, r: int = 8, alpha: float = 32, dropout: float = 0.0
                       target_modules=list(target_modules) if target_modules else None, use_dora=method == "dora")
 
 # %% ../nbs/00ea_adapt.ipynb #t046
-def prepare_model(method: str, base, r: int = 8, alpha: float = 32, dropout: float = 0.05, target_modules=None,
-                  seed: int = 0):
-    """The model a method trains: the whole base (full), or the base with a fresh adapter (LoRA on all its linear
-    layers by default), its random init drawn from `seed`."""
+def prepare_model(method: str, base, config: FinetuneConfig | None = None):
+    """The model a method trains: the whole base (full), or the base with a fresh adapter of `config`'s shape (LoRA
+    on all its linear layers by default), its random init drawn from `config.seed`."""
+    config = config or FinetuneConfig()
     if method == "full": return load_model(base)
     if method not in ADAPTER_METHODS:
         raise SlmopsError(f"{method!r} is not trained in-process: use one of full, {', '.join(ADAPTER_METHODS)}.")
     from peft import get_peft_model
     model = load_base(base, quantize_4bit=method == "qlora")
     # the adapter's init: else it follows whatever this process drew before (another method, in a pool)
-    seed_everything(seed)
-    return get_peft_model(model, peft_config(method, r, alpha, dropout, target_modules or lora_targets(model)))
+    seed_everything(config.seed)
+    return get_peft_model(model, peft_config(method, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                             config.target_modules or lora_targets(model)))
 
 # %% ../nbs/00ea_adapt.ipynb #t047
 def trainable_parameters(model) -> tuple[int, int]:
@@ -76,25 +100,25 @@ def trainable_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/00ea_adapt.ipynb #t050
-def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict], out, *, epochs: float = 1,
-             max_steps: int = 0, lr: float = 3e-3, batch_size: int = 32, grad_accum: int = 1, r: int = 8,
-             alpha: float = 32, dropout: float = 0.05, target_modules=None, patience: int = 1, seed: int = 0,
-             trainer_cls=Trainer, trainer_kwargs: dict | None = None) -> dict:
-    """Train `method` on `base`: checkpoints, TensorBoard logs, early stopping; the adapter (or model) saved in
-    `out`/model."""
+def _with_callbacks(trainer, *callbacks):
+    "`trainer` (a Trainer class or a partial of one) that also gets `callbacks`."
+    return partial(trainer, callbacks=[*getattr(trainer, "keywords", {}).get("callbacks", []), *callbacks])
+
+def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict], out,
+             config: FinetuneConfig | None = None, trainer=Trainer) -> dict:
+    """Train `method` on `base` as `config` says: checkpoints, TensorBoard logs, early stopping; the adapter (or model)
+    saved in `out`/model. `trainer`: the HF Trainer, a subclass, or a partial of one."""
+    config = config or FinetuneConfig()
     if not train or not valid:
         raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
-    out = Path(out)
+    out, quarter = Path(out), max(1, config.max_steps // 4)
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
-        model = prepare_model(method, base, r, alpha, dropout, target_modules, seed)
-        when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=max(1, max_steps // 4), save_steps=max(
-            1, max_steps // 4)) if max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
-        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=lr, batch_size=batch_size,
-                              seed=seed, output_dir=out / "checkpoints", name=method, trainer_cls=trainer_cls,
-                              trainer_kwargs=trainer_kwargs, callbacks=[OverfittingWarning(method)], patience=patience,
-                              max_steps=max_steps or -1, gradient_accumulation_steps=grad_accum,
-                              report_to=["tensorboard"], **when)  # TensorBoard logs go to checkpoints/runs/
+        model = prepare_model(method, base, config)
+        when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=quarter, save_steps=quarter)
+                if config.max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
+        res = train_causal_lm(model, tokenizer, train, valid, config, _with_callbacks(trainer, OverfittingWarning(method)),
+                              method, output_dir=out/"checkpoints", report_to=["tensorboard"], **when)
     model = res["trainer"].model
     if res["trainer"].is_world_process_zero():  # under torchrun, one process writes the result
         with atomic_dir(out/"model") as tmp:

@@ -6,263 +6,268 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import os
 import signal
 import sys
+import types
+import typing
 from pathlib import Path
+
+from fastcore.docments import docments
+from fastcore.script import Param
 
 from .core import PROFILES, SlmopsError, quiet, to_jsonable, write_json
 
 # %% auto #0
-__all__ = ['COMMANDS', 'arg', 'subcommand', 'cmd_run', 'cmd_list', 'cmd_workbench', 'cmd_finetune', 'cmd_export', 'cmd_serve',
-           'cmd_bench', 'cmd_monitor', 'cmd_promote', 'parser', 'main']
+__all__ = ['COMMANDS', 'SHORT_FLAGS', 'RENAMED', 'subcommand', 'settings_class', 'options', 'add_option', 'Renamed', 'cmd_run',
+           'cmd_list', 'cmd_workbench', 'cmd_finetune', 'cmd_export', 'cmd_serve', 'cmd_bench', 'cmd_monitor',
+           'cmd_promote', 'parser', 'main']
 
 # %% ../nbs/00m_cli.ipynb #c005
-COMMANDS: dict = {}  # name → (help, arguments, function), in the order they are registered
+COMMANDS: dict = {}  # name → (function, the settings dataclasses its keyword arguments take), in order
 
-def arg(*names, **kwargs) -> tuple:
-    "One argument of a subcommand, as `ArgumentParser.add_argument(*names, **kwargs)` takes it."
-    return names, kwargs
-
-# %% ../nbs/00m_cli.ipynb #c006
-def subcommand(help: str, *arguments):
-    "Register the decorated `cmd_<name>(args) -> int` as `slmops <name>` with its `arguments` (made by `arg`)."
+def subcommand(*settings: str):
+    "Register `cmd_<name>` as `slmops <name>`; `settings` (`module:Class` dataclasses) give more options."
     def register(fn):
-        COMMANDS[fn.__name__.removeprefix("cmd_")] = (help, arguments, fn)
+        COMMANDS[fn.__name__.removeprefix("cmd_")] = (fn, settings)
         return fn
     return register
 
+# %% ../nbs/00m_cli.ipynb #c005a
+def settings_class(spec: str) -> type:
+    "The dataclass a `module:Class` spec names."
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+def _field_docs(cls) -> dict:
+    "Each field's comment in dataclass `cls` and the dataclasses it extends."
+    docs = {}
+    for c in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        docs.update({k: v.docment for k, v in docments(c, full=True).items() if v.docment})
+    return docs
+
+# %% ../nbs/00m_cli.ipynb #c005b
+def options(fn, settings=()) -> dict:
+    "Each parameter of `fn` and field of its `settings`: name → (annotation, default, help)."
+    opts = {k: (v.anno, v.default, v.docment) for k, v in docments(fn, full=True, returns=False, eval_str=True).items()
+            if k != "settings"}
+    for spec in settings:
+        cls = settings_class(spec)
+        hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in opts: continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            opts[f.name] = (hints[f.name], default, docs.get(f.name))
+    return opts
+
+# %% ../nbs/00m_cli.ipynb #c005c
+def _comma_list(text: str) -> list[str]: return [t for t in text.split(",") if t]
+
+def _plain_type(anno):
+    "`X` of `X | None`; `list` as comma-separated text."
+    if typing.get_origin(anno) in (typing.Union, types.UnionType):
+        anno = next(a for a in typing.get_args(anno) if a is not type(None))
+    return _comma_list if anno is list or typing.get_origin(anno) is list else anno
+
+SHORT_FLAGS = {"param": "-p"}  # the options that also have one letter
+
+def add_option(p: argparse.ArgumentParser, name: str, anno, default, help: str | None):
+    "Add parameter `name` to `p` as `call_parse` would, and its hyphenated spelling beside the underscored one."
+    param = anno if isinstance(anno, Param) else Param(help or "", _plain_type(anno))
+    param.set_default(default)
+    flag = f"no_{name}" if param.negated else name
+    kw = {**param.kwargs, **({"dest": name} if param.negated else {})}
+    if not param.opt: return p.add_argument(name, **kw)
+    flags = [*([SHORT_FLAGS[name]] if name in SHORT_FLAGS else []), f"--{flag}", f"--{flag.replace('_', '-')}"]
+    p.add_argument(*dict.fromkeys(flags), **kw)
+
+# %% ../nbs/00m_cli.ipynb #c005f
+RENAMED = {"finetune": {"--task": "--task_file", "--train": "--train_file", "--validation": "--validation_file",
+                        "--r": "--lora_r", "--alpha": "--lora_alpha", "--dropout": "--lora_dropout"},
+           "export": {"--asymmetric": "--no-symmetric"}, "serve": {"--canary": "--canary_weight", "--task": "--task_file"},
+           "bench": {"--task": "--task_file"}, "monitor": {"--task": "--task_file"},
+           "workbench": {"--json": "--json_file"}}
+
+class Renamed(argparse.Action):
+    "An option's earlier name: an error that names the new one."
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new = new
+    def __call__(self, parser, namespace, values, option_string=None): parser.error(f"{option_string} is now {self.new}.")
+
 # %% ../nbs/00m_cli.ipynb #c008
-@subcommand(
-    "execute chapters with papermill into a run folder",
-    arg("chapters", nargs="*", help="chapters to run (01_introduction or 01); default: all, in order"),
-    arg("--profile", default="default", choices=PROFILES, help="default: the real workbook; smoke: shrunk for CI"),
-    arg("--out", help="run folder (default: a new runs/<run-id>/)"),
-    arg("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="set a chapter parameter (repeatable)"),
-    arg("--nbs", help="folder holding the chapter notebooks (default: the workbook's nbs/)"),
-    arg("--no-progress", action="store_true", help="no per-cell progress bar"))
-def cmd_run(a) -> int:
+@subcommand()
+def cmd_run(chapters: Param("chapters to run (01_introduction or 01); default: all, in order", str, opt=False, nargs="*") = None,
+            profile: Param("default: the real workbook; smoke: shrunk for CI", str, choices=PROFILES) = "default",
+            out: str = None,  # run folder (default: a new runs/<run-id>/)
+            param: Param("set a chapter parameter, NAME=VALUE (repeatable)", str, action="append") = None,
+            nbs: str = None,  # folder holding the chapter notebooks (default: the workbook's nbs/)
+            progress: bool = True) -> int:  # a per-cell progress bar
+    "execute chapters with papermill into a run folder"
     from slmops_nb.runner import Stopped, parse_param, run_workbook, stop_on_signals, summary_table
-    params = dict(parse_param(p) for p in a.param)
+    params = dict(parse_param(p) for p in param or [])
     try:
-        with stop_on_signals():
-            summary = run_workbook(a.chapters, a.profile, a.out, params, a.nbs, progress=not a.no_progress)
+        with stop_on_signals(): summary = run_workbook(chapters, profile, out, params, nbs, progress=progress)
     except Stopped as stop:
         where = (f"in chapter {stop.chapter}; its partial notebook: {stop.notebook}" if getattr(stop, "chapter", None)
                  else "before any chapter started")
-        print(
-            f"slmops: interrupted ({signal.Signals(stop.signum).name}) {where}. Finished chapters and cached models are kept.",
-            file=sys.stderr, flush=True)
+        print(f"slmops: interrupted ({signal.Signals(stop.signum).name}) {where}. Finished chapters and cached models "
+              "are kept.", file=sys.stderr, flush=True)
         return 128 + stop.signum
     print("\n" + summary_table(summary))
     print(f"\nsummary: {summary['run']}/summary.json\nreport:  {summary['run']}/report.md")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c009
-@subcommand("show the chapters with their parameters and defaults",
-    arg("--nbs", help="folder holding the chapter notebooks"))
-def cmd_list(a) -> int:
+@subcommand()
+def cmd_list(nbs: str = None) -> int:  # folder holding the chapter notebooks
+    "show the chapters with their parameters and defaults"
     from slmops_nb.runner import chapter_parameters, describe_parameters, list_chapters, notebooks_dir
-    print(describe_parameters({p.stem: chapter_parameters(p) for p in list_chapters(notebooks_dir(a.nbs))}))
+    print(describe_parameters({p.stem: chapter_parameters(p) for p in list_chapters(notebooks_dir(nbs))}))
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c010
-@subcommand("build (or load) the workbench models and time it",
-    arg("--fresh", action="store_true", help="build from nothing in a temporary cache (measures a cold build)"),
-    arg("--json", help="write the timings to this JSON file"))
-def cmd_workbench(a) -> int:
+@subcommand()
+def cmd_workbench(fresh: bool = False,  # build from nothing in a temporary cache (measures a cold build)
+                  json_file: str = None) -> int:  # write the timings to this JSON file
+    "build (or load) the workbench models and time it"
     from slmops_nb.bench import benchmark_workbench
-    result = benchmark_workbench(fresh=a.fresh)
+    result = benchmark_workbench(fresh=fresh)
     print(json.dumps(to_jsonable(result), indent=2))
-    if a.json: write_json(a.json, result)
+    if json_file: write_json(json_file, result)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c012
-@subcommand(
-    "fine-tune one method on a task (torchrun-ready: every process joins one DDP run)",
-    arg("--base", default="workbench:base", help="workbench name, model folder or hub id"),
-    arg("--task", default="",
-        help="a task file (YAML or JSON) or a built-in task's name; or describe the data with the options below"),
-    arg("--method", default="lora", help="full, lora, qlora, dora or ia3"),
-    arg("--train", default="", help="training file (json, jsonl, csv); default: the built-in tones"),
-    arg("--validation", default="", help="validation file; default: carved from the training file"),
-    arg("--input-column", default="phrase"), arg("--label-column", default="tone"),
-    arg("--out", required=True, help="output folder (model/, checkpoints/, ranks/, result.json)"),
-    arg("--epochs", type=float, default=1.0), arg("--max-steps", type=int, default=0),
-    arg("--lr", type=float, default=3e-3), arg("--batch-size", type=int, default=16),
-    arg("--grad-accum", type=int, default=1), arg("--r", type=int, default=8), arg("--alpha", type=float, default=32),
-    arg("--dropout", type=float, default=0.05),
-    arg("--target-modules", default="", help="comma-separated LoRA target modules (default: the method's)"),
-    arg("--max-length", type=int, default=64), arg("--limit", type=int, default=0, help="use the first N examples"),
-    arg("--seed", type=int, default=0))
-def cmd_finetune(a) -> int:
-    from slmops_nb.data import task_from_params
+@subcommand("slmops_nb.adapt:FinetuneConfig", "slmops_nb.data:Task")
+def cmd_finetune(out: Param("output folder (model/, checkpoints/, ranks/, result.json)", str, required=True) = None,
+                 method: str = "lora",  # full, lora, qlora, dora or ia3
+                 base: str = "workbench:base",  # workbench name, model folder or hub id
+                 task_file: str = "",  # a task file (YAML or JSON) or a built-in task's name; or the data options
+                 limit: int = 0,  # use the first N examples of each split (0: all)
+                 **settings) -> int:
+    "fine-tune one method on a task (torchrun-ready: every process joins one DDP run)"
+    from slmops_nb.adapt import FinetuneConfig
+    from slmops_nb.chapter import chapter_task
     from slmops_nb.finetuning import finetune_task
-    task = task_from_params(a.task, a.seed, train_file=a.train, validation_file=a.validation,
-                            input_column=a.input_column, label_column=a.label_column)
-    res = finetune_task(a.method, a.base, task, a.out, limit=a.limit, max_length=a.max_length, epochs=a.epochs,
-                        max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, r=a.r,
-                        alpha=a.alpha, dropout=a.dropout,
-                        target_modules=a.target_modules.split(",") if a.target_modules else None, seed=a.seed)
+    task, _ = chapter_task({"task_file": task_file, **settings})
+    res = finetune_task(method, base, task, out, FinetuneConfig.from_params(settings), limit)
     if res["rank"] == 0:
-        print(
-            f"slmops finetune: {a.method} on {res['world_size']} process(es), {res['steps']} steps, model in {Path(a.out)/'model'}"
-        )
+        print(f"slmops finetune: {method} on {res['world_size']} process(es), {res['steps']} steps, model in "
+              f"{Path(out)/'model'}")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c013
-@subcommand("convert a Hugging Face model folder to ONNX Runtime GenAI",
-    arg("model", help="the model: a folder written by save_pretrained, a workbench name or a hub id"),
-    arg("out", help="the ONNX Runtime GenAI folder to write (replaced only when the conversion succeeds)"),
-    arg("--precision", default="int4", help="fp32, int8 or int4"),
-    arg("--block-size", type=int, default=32, help="int4 weights sharing one scale (16, 32, 64, 128 or 256)"),
-    arg("--asymmetric", action="store_true", help="int4 with zero points"),
-    arg("--tool", default="olive", help="olive (Olive's ModelBuilder pass) or builder (the builder alone)"))
-def cmd_export(a) -> int:
-    from slmops_nb.deployment import export_model
+@subcommand("slmops_nb.deployment:ExportConfig")
+def cmd_export(model: str,  # the model: a folder written by save_pretrained, a workbench name or a hub id
+               out: str,  # the ONNX Runtime GenAI folder to write (replaced only when the conversion succeeds)
+               **settings) -> int:
+    "convert a Hugging Face model folder to ONNX Runtime GenAI"
+    from slmops_nb.deployment import ExportConfig, export_model
     from slmops_nb.measure import Timer, dir_size
-    with Timer() as t: out = export_model(a.model, a.out, a.precision, a.block_size, not a.asymmetric, a.tool)
-    print(
-        f"slmops export: {out} ({a.precision}, {dir_size(out):,} bytes, {t.seconds:.0f} s); serve it: slmops serve {out}"
-    )
+    config = ExportConfig.from_params(settings)
+    with Timer() as t: folder = export_model(model, out, config)
+    print(f"slmops export: {folder} ({config.precision}, {dir_size(folder):,} bytes, {t.seconds:.0f} s); "
+          f"serve it: slmops serve {folder}")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c014
-@subcommand(
-    "serve a model with OpenAI's chat completions API, Prometheus metrics and, beside it, a challenger",
-    arg(
-        "model_dir",
-        help="the model folder: exported for ONNX Runtime GenAI, or a Hugging Face one with --runtime pytorch; "
-        "or a registered model, models:/NAME@ALIAS or models:/NAME/VERSION"),
-    arg("--registry", default=None,
-        help="the run folder whose registry holds models:/ names (default: $MLFLOW_TRACKING_URI)"),
-    arg("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)"),
-    arg("--port", type=int, default=8000),
-    arg("--api-key", default=os.environ.get("SLMOPS_API_KEY"),
-        help="require Authorization: Bearer KEY (default: $SLMOPS_API_KEY, else no key)"),
-    arg("--model-id", help="the model's name in the API (default: the folder's name, or NAME-ALIAS)"),
-    arg(
-        "--runtime", default="genai",
-        help="genai: an exported folder (default); pytorch: a Hugging Face folder, unconverted; "
-        "llamacpp: a GGUF folder (chapter 04's gguf_*); "
-        "foundry: an exported folder in Foundry Local, in this process (needs --foundry-home)"),
-    arg("--foundry-home", default=None, help="Foundry Local's app data folder (--runtime foundry)"),
-    arg("--challenger", default=None, help="a second model (folder or models:/NAME@challenger) beside the champion"),
-    arg("--canary", type=float, default=0.0,
-        help="the share of users (sticky by the request's user) the challenger answers"),
-    arg("--shadow", action="store_true",
-        help="the champion answers everyone; the challenger answers too, into the log only"),
-    arg("--max-error-rate", type=float, default=0.05,
-        help="roll back when the challenger's recent error rate passes this"),
-    arg("--max-p95-ms", type=float, default=None,
-        help="roll back when the challenger's recent p95 latency passes this"),
-    arg("--min-agreement", type=float, default=None,
-        help="roll back when fewer of the challenger's recent answers match the champion's"),
-    arg(
-        "--task", default="",
-        help="a classification task (file or built-in name): an answer that is not one of its labels counts as an error"
-    ),
-    arg("--constrain-labels", action="store_true",
-        help="with --task: every answer is one of its labels (ONNX Runtime GenAI's guidance)"),
-    arg("--request-log", default=None, help="append a JSON line per request to this file (for slmops monitor)"),
-    arg("--log-prompts", action="store_true",
-        help="also log the prompt's text, redacted (off by default: privacy first)"))
-def cmd_serve(a) -> int:
+@subcommand("slmops_nb.serve:ServeConfig", "slmops_nb.serve:RolloutConfig")
+def cmd_serve(model_dir: str,  # an exported folder (a Hugging Face one with --runtime pytorch), or models:/NAME@ALIAS
+              challenger: str = None,  # a second model (folder or models:/NAME@challenger) beside the champion
+              task_file: str = "",  # a classification task: an answer that is not one of its labels counts as an error
+              **settings) -> int:
+    "serve a model with OpenAI's chat completions API, Prometheus metrics and, beside it, a challenger"
     from slmops_nb.data import load_task
-    from slmops_nb.serve import run_server
-    labels = load_task(a.task).classes if a.task else None
-    run_server(a.model_dir, a.host, a.port, a.api_key, a.model_id, a.runtime, a.registry, a.challenger, a.request_log,
-               a.log_prompts, a.foundry_home, weight=a.canary, shadow=a.shadow, max_error_rate=a.max_error_rate,
-               max_p95_ms=a.max_p95_ms, min_agreement=a.min_agreement, labels=labels,
-               constrain_labels=a.constrain_labels)
+    from slmops_nb.serve import RolloutConfig, ServeConfig, run_server
+    config = ServeConfig.from_params(settings)
+    config.api_key = config.api_key or os.environ.get("SLMOPS_API_KEY")
+    labels = load_task(task_file).classes if task_file else None
+    run_server(model_dir, config, RolloutConfig.from_params(settings), challenger, labels)
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c015
-@subcommand(
-    "benchmark model folders side by side into a JSON file",
-    arg("variants", nargs="+", metavar="NAME=RUNTIME:FOLDER",
-        help="e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR"),
-    arg("--out", default="bench.json", help="the JSON file to write"),
-    arg("--requests", type=int, default=20, help="timed requests per variant (the task's test prompts)"),
-    arg("--max-new-tokens", type=int, default=32),
-    arg("--eval-limit", type=int, default=450, help="test records scored per variant"),
-    arg("--task", default="", help="a task file (YAML or JSON) or a built-in task's name (default: the tones)"),
-    arg("--foundry-home", default=None, help="Foundry Local's app data folder (default: next to --out)"))
-def cmd_bench(a) -> int:
+@subcommand()
+def cmd_bench(variants: Param("NAME=RUNTIME:FOLDER, e.g. pytorch_fp32=pytorch:runs/x/merged ort_int4=genai:DIR", str,
+                              nargs="+"),
+              out: str = "bench.json",  # the JSON file to write
+              requests: int = 20,  # timed requests per variant (the task's test prompts)
+              max_new_tokens: int = 32,  # tokens per request
+              eval_limit: int = 450,  # test records scored per variant
+              task_file: str = "",  # a task file (YAML or JSON) or a built-in task's name (default: the tones)
+              foundry_home: str = None) -> int:  # Foundry Local's app data folder (default: next to --out)
+    "benchmark model folders side by side into a JSON file"
     from slmops_nb.bench import bench_folders
     from slmops_nb.data import load_task
-    bench_folders(a.variants, a.out, a.requests, a.max_new_tokens, a.eval_limit, a.foundry_home,
-                  load_task(a.task) if a.task else None)
-    print(f"wrote {a.out}")
+    bench_folders(variants, out, requests, max_new_tokens, eval_limit, foundry_home,
+                  load_task(task_file) if task_file else None)
+    print(f"wrote {out}")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c040
-@subcommand(
-    "judge a request log window by window: drift, errors, latency; exit 1 on an alarm",
-    arg("log", help="the request log written by slmops serve --request-log"),
-    arg("--task", default="",
-        help="the served model's task: a task file or a built-in task's name (default: the tones)"),
-    arg("--window", type=int, default=100, help="requests per window"),
-    arg("--slo-ms", type=float, default=None, help="the p95 latency a window must stay under"),
-    arg("--last", type=int, default=0, help="judge only the last N windows (default: all)"),
-    arg("--out", default=None,
-        help="the folder for monitor.json, monitor.md and monitor.png (default: beside the log)"))
-def cmd_monitor(a) -> int:
+@subcommand()
+def cmd_monitor(log: str,  # the request log written by slmops serve --request_log
+                task_file: str = "",  # the served model's task: a task file or a built-in name (default: the tones)
+                window: int = 100,  # requests per window
+                slo_ms: float = None,  # the p95 latency a window must stay under
+                last: int = 0,  # judge only the last N windows (default: all)
+                out: str = None) -> int:  # the folder for monitor.json, .md and .png (default: beside the log)
+    "judge a request log window by window: drift, errors, latency; exit 1 on an alarm"
     from slmops_nb.data import load_task, Task
     from slmops_nb.monitor import monitor_log
-    out = Path(a.out) if a.out else Path(a.log).with_name(Path(a.log).stem + ".monitor")
-    report = monitor_log(a.log, load_task(a.task) if a.task else Task.named("tones"), a.window, a.slo_ms, out)
-    judged = list(enumerate(report["windows"]))[-a.last if a.last else 0:]
+    out = Path(out) if out else Path(log).with_name(Path(log).stem + ".monitor")
+    report = monitor_log(log, load_task(task_file) if task_file else Task.named("tones"), window, slo_ms, out)
+    judged = list(enumerate(report["windows"]))[-last if last else 0:]
     for i, w in judged:
         print(f"window {i}: {w['requests']} requests, " + ("; ".join(w["alarms"]) if w["alarms"] else "no alarm"))
     print(f"report: {out/'monitor.md'}")
     return 1 if any(w["alarms"] for _, w in judged) else 0
 
 # %% ../nbs/00m_cli.ipynb #c041
-@subcommand(
-    "make the challenger the champion when the promotion gate passes (checklist and live canary figures)",
-    arg("name", help="the registered model, e.g. tones-ort-int4"),
-    arg("--registry", default=None, help="the run folder whose registry holds it (default: $MLFLOW_TRACKING_URI)"),
-    arg("--log", required=True, help="the request log of the canary (slmops serve --request-log)"),
-    arg("--checklist", default=None,
-        help="a metrics.json with chapter 04's checklist (the challenger's offline checks)"),
-    arg("--min-requests", type=int, default=100, help="canary requests needed before a decision"),
-    arg("--max-error-rate", type=float, default=0.01, help="the canary's error rate limit"))
-def cmd_promote(a) -> int:
+@subcommand()
+def cmd_promote(name: str,  # the registered model, e.g. tones-ort-int4
+                log: Param("the request log of the canary (slmops serve --request_log)", str, required=True) = None,
+                registry: str = None,  # the run folder whose registry holds it (default: $MLFLOW_TRACKING_URI)
+                checklist: str = None,  # a metrics.json with chapter 04's checklist (the challenger's offline checks)
+                min_requests: int = 100,  # canary requests needed before a decision
+                max_error_rate: float = 0.01) -> int:  # the canary's error rate limit
+    "make the challenger the champion when the promotion gate passes (checklist and live canary figures)"
     from slmops_nb.core import read_json
     from slmops_nb.monitor import live_figures, promotion_gate
     from slmops_nb.registry import promote
     from slmops_nb.serve import read_request_log
-    checklist = read_json(a.checklist).get("checklist") if a.checklist else None
-    if a.checklist and checklist is None:
-        raise SlmopsError(f"{a.checklist} has no checklist: give chapter 04's metrics.json.")
-    gate = promotion_gate(live_figures(read_request_log(a.log)), checklist, a.min_requests, a.max_error_rate)
+    offline = read_json(checklist).get("checklist") if checklist else None
+    if checklist and offline is None: raise SlmopsError(f"{checklist} has no checklist: give chapter 04's metrics.json.")
+    gate = promotion_gate(live_figures(read_request_log(log)), offline, min_requests, max_error_rate)
     for check, ok in gate["checks"].items(): print(f"{'pass' if ok else 'FAIL'}  {check}")
     if not gate["passed"]:
-        print(f"slmops promote: the gate did not pass; {a.name}'s champion is unchanged.")
+        print(f"slmops promote: the gate did not pass; {name}'s champion is unchanged.")
         return 1
-    print(f"slmops promote: {a.name} version {promote(a.registry, a.name)} is the champion.")
+    print(f"slmops promote: {name} version {promote(registry, name)} is the champion.")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c017
-def parser() -> argparse.ArgumentParser:
-    "The `slmops` argument parser: one subparser per registered subcommand."
-    ap = argparse.ArgumentParser(prog="slmops",
-                                 description="SLMOps Workbook: run the chapters, and the library's tools.")
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    "The `slmops` argument parser: a subparser per subcommand, the options of `command` (all when None)."
+    ap = argparse.ArgumentParser(prog="slmops", description="SLMOps Workbook: run the chapters, and the library's tools.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, (help, arguments, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
-        for names, kwargs in arguments: p.add_argument(*names, **kwargs)
+    for name, (fn, settings) in COMMANDS.items():
+        p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__, allow_abbrev=False)
+        if command not in (None, name): continue
+        for k, (anno, default, help) in options(fn, settings).items(): add_option(p, k, anno, default, help)
+        for old, new in RENAMED.get(name, {}).items(): p.add_argument(old, action=Renamed, new=new)
     return ap
 
 # %% ../nbs/00m_cli.ipynb #c019
 def main(argv=None) -> int:
     "Entry point of the `slmops` command."
-    a = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv))
     quiet()  # no loading bars or ipywidgets warnings in a terminal
-    try: return COMMANDS[a.command][2](a)
+    fn = COMMANDS[args.pop("command")][0]
+    try: return fn(**{k: v for k, v in args.items() if k not in ("pdb", "xtra")})
     except SlmopsError as e:
         print(f"slmops: error: {e}", file=sys.stderr)
         return 2

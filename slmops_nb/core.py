@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,11 +28,11 @@ import psutil
 from filelock import FileLock
 
 # %% auto #0
-__all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'atomic_write_text', 'atomic_dir',
-           'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'warn_chapter',
-           'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'chapter_dir', 'cache_root', 'content_hash',
-           'file_hash', 'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'package_versions',
-           'env_report', 'quiet', 'widget_progress', 'progress_bar']
+__all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'Settings', 'atomic_write_text',
+           'atomic_dir', 'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'warn_chapter',
+           'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'cache_root', 'content_hash', 'file_hash',
+           'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'package_versions', 'env_report',
+           'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
@@ -53,6 +54,14 @@ def by_profile(profile: str, value, **sizes):
     check_profile(profile)
     if profile not in sizes: raise SlmopsError(f"No size for profile {profile!r} in {sizes}.")
     return sizes[profile]
+
+# %% ../nbs/00_core.ipynb #c011b
+class Settings:
+    "A dataclass of settings named as the chapters' parameters, built whole from a namespace by `from_params`."
+    @classmethod
+    def from_params(cls, params: dict):
+        "The settings `params` (a notebook's namespace, parsed arguments) give; other names are left out."
+        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
 
 # %% ../nbs/00_core.ipynb #c013
 def _tmp_sibling(path: Path) -> Path:
@@ -180,13 +189,6 @@ def new_run_dir(root=None, run_id: str | None = None) -> Path:
         if tmp.is_symlink(): tmp.unlink()
         atomic_write_text(root/"latest.txt", run.name + "\n")
     return run
-
-# %% ../nbs/00_core.ipynb #c033
-def chapter_dir(chapter: str, out_dir: str | os.PathLike | None = None) -> Path:
-    "The folder a chapter writes into: `out_dir` if given, else `<new run>/<chapter>`."
-    d = Path(out_dir) if out_dir else new_run_dir()/chapter
-    d.mkdir(parents=True, exist_ok=True)
-    return d.resolve()
 
 # %% ../nbs/00_core.ipynb #c036
 def cache_root() -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from fastcore.basics import patch
 
-from .core import SlmopsError, atomic_write_text
+from .core import SlmopsError, atomic_write_text, write_json
 
 # %% auto #0
 __all__ = ['TONES', 'TONE_TEMPLATE', 'DATA_DIR', 'WORKBENCH_FILES', 'SPLIT_FRACTIONS', 'TASK_KINDS', 'TASK_FIELDS',
@@ -457,6 +457,12 @@ def load_task(path) -> Task:
     try: return Task(**d)
     except DataError as e: raise DataError(f"{p}: {e}") from e
     except TypeError as e: raise DataError(f"{p}: {e}") from e
+
+# %% ../nbs/00b_data.ipynb #c070b
+@patch
+def save(self: Task, path) -> Path:
+    "Write the task as a task file (its fields, files absolute) that `load_task` reads back."
+    return write_json(path, {k: v for k, v in self.describe().items() if k in (*TASK_FIELDS, "seed")})
 
 # %% ../nbs/00b_data.ipynb #c072
 def task_from_params(task_file: str = "", seed: int = 0, **given) -> Task:

@@ -13,14 +13,15 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .adapt import finetune, merge_adapter
+from .adapt import FinetuneConfig, finetune, merge_adapter
 from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
 from .child import child_command
-from .core import SlmopsError, atomic_dir, cache_root, read_json, write_json
+from .core import Settings, SlmopsError, atomic_dir, cache_root, read_json, write_json
 from .data import Task
 from .evaluate import POINTS
 from .models import load_tokenizer, resolve_model, task_model
@@ -32,8 +33,8 @@ from .train import task_examples
 __all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAMA_SDIST_DIR', 'TOKENIZER_FILES', 'DECODE_DIMS', 'SESSION_THREADS',
            'finetuned_models', 'check_int4', 'builder_architectures', 'check_exportable', 'olive_build',
            'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config',
-           'build_direct', 'int4_limit', 'exportable_adapter', 'export_model', 'export_variants', 'genai_input',
-           'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier',
+           'build_direct', 'int4_limit', 'exportable_adapter', 'ExportConfig', 'export_model', 'export_variants',
+           'genai_input', 'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier',
            'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow',
            'tune_session_params', 'with_session_options']
 
@@ -72,11 +73,11 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
     tok = load_tokenizer(base)
     data = task.splits()
     ex = {s: task_examples(tok, task, data[s][:train_limit]) for s in ("train", "validation")}
-    finetune("lora", base, tok, ex["train"], ex["validation"], out/"task", epochs=epochs, dropout=0.0)
+    finetune("lora", base, tok, ex["train"], ex["validation"], out/"task", FinetuneConfig(epochs=epochs, lora_dropout=0.0))
     merge_adapter(base, out/"task"/"model", tok, out/"merged")
     shop_qa = Task.named("shop_qa")
     qa = {s: task_examples(tok, shop_qa, shop_qa.splits()[s][:train_limit], 128) for s in ("train", "validation")}
-    finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", epochs=qa_epochs, lr=1e-3, dropout=0.0)
+    finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", FinetuneConfig(epochs=qa_epochs, lr=1e-3, lora_dropout=0.0))
     write_json(out/"task.json", task.describe())
     made = {
         "merged_model": out / "merged", "task_adapter": out / "task" / "model", "qa_adapter": out / "qa" / "model",
@@ -241,22 +242,31 @@ def exportable_adapter(adapter_dir, out) -> Path:
     return Path(out)
 
 # %% ../nbs/04_deployment.ipynb #ex02
-def export_model(model, out, precision: str = "int4", block_size: int = 32, symmetric: bool = True,
-                 tool: str = "olive") -> Path:
-    """A GenAI folder of a Hugging Face model: Olive's ModelBuilder pass (int8: fp32, then `olive quantize`), or the
-    builder itself."""
-    if tool not in ("olive", "builder"): raise SlmopsError(f"tool must be olive or builder, got {tool!r}.")
-    if precision not in ("fp32", "int8", "int4"):
-        raise SlmopsError(f"precision must be fp32, int8 or int4, got {precision!r}.")
-    check_int4(block_size, symmetric)
+@dataclass
+class ExportConfig(Settings):
+    "How a model becomes an ONNX Runtime GenAI folder, named as chapter 04's parameters and `slmops export`'s options."
+    precision: str = "int4"  # fp32, int8 or int4
+    block_size: int = 32  # int4 weights sharing one scale (16, 32, 64, 128 or 256)
+    symmetric: bool = True  # int4 without zero points (--no-symmetric: with them)
+    tool: str = "olive"  # olive (Olive's ModelBuilder pass) or builder (the builder alone)
+
+    def __post_init__(self):
+        if self.tool not in ("olive", "builder"): raise SlmopsError(f"tool must be olive or builder, got {self.tool!r}.")
+        if self.precision not in ("fp32", "int8", "int4"):
+            raise SlmopsError(f"precision must be fp32, int8 or int4, got {self.precision!r}.")
+        check_int4(self.block_size, self.symmetric)
+        if self.tool == "builder" and self.precision == "int8":
+            raise SlmopsError("The builder makes no int8 on CPU: use the olive tool (fp32, then olive quantize).")
+
+def export_model(model, out, config: ExportConfig | None = None) -> Path:
+    """A GenAI folder of a Hugging Face model as `config` says: Olive's ModelBuilder pass (int8: fp32, then `olive
+    quantize`), or the builder itself."""
+    c = config or ExportConfig()
     # a folder that is not a model, or a model the builder cannot export, is refused before a tool starts
     check_exportable(model)
-    if tool == "builder":
-        if precision == "int8":
-            raise SlmopsError("The builder makes no int8 on CPU: use the olive tool (fp32, then olive quantize).")
-        return build_direct(model, out, precision, block_size, symmetric)
-    if precision != "int8":
-        return olive_run_config(builder_config(model, precision, block_size, symmetric), out, GENAI_FILES)
+    if c.tool == "builder": return build_direct(model, out, c.precision, c.block_size, c.symmetric)
+    if c.precision != "int8":
+        return olive_run_config(builder_config(model, c.precision, c.block_size, c.symmetric), out, GENAI_FILES)
     fp32 = olive_run_config(builder_config(model, "fp32"), Path(out).with_name(Path(out).name + ".fp32"), GENAI_FILES)
     try: return olive_int8(fp32, out)
     finally: shutil.rmtree(fp32, ignore_errors=True)

@@ -6,25 +6,27 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .core import SlmopsError, atomic_dir, atomic_write_text, seed_everything
+from .core import Settings, SlmopsError, atomic_dir, atomic_write_text, seed_everything
 from .parallel import side_by_side
 from .data import Task, stratified_split, write_jsonl
 from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model, save_model
-from .train import PadCollator, run_trainer, task_examples, train_causal_lm, training_defaults
+from .train import PadCollator, TrainConfig, run_trainer, task_examples, train_causal_lm, training_defaults
 
 # %% auto #0
-__all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'gold_subset', 'endpoint_answers', 'teacher_answers',
-           'repetitive', 'drop_reason', 'validate_answers', 'synthesize', 'make_student', 'kd_loss',
-           'check_same_vocabulary', 'DistillTrainer', 'labelled_positions', 'answer_logits', 'save_answer_logits',
-           'load_answer_logits', 'train_student', 'train_student_into', 'train_students', 'distill_summary',
-           'train_gkd']
+__all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'GKD_DEFAULTS', 'gold_subset', 'endpoint_answers',
+           'TeacherEndpoint', 'teacher_answers', 'repetitive', 'drop_reason', 'validate_answers', 'synthesize',
+           'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'labelled_positions', 'answer_logits',
+           'save_answer_logits', 'load_answer_logits', 'DistillConfig', 'train_student', 'train_student_into',
+           'train_students', 'distill_summary', 'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #f2a002
 DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
@@ -57,14 +59,23 @@ def endpoint_answers(base_url: str, prompts: list[str], model: str = "", api_key
     with ThreadPoolExecutor(concurrency) as pool: return list(pool.map(ask, prompts))
 
 # %% ../nbs/02_distillation.ipynb #f2a011
-def teacher_answers(task: Task, records: list[dict], teacher=None, tokenizer=None, url: str = "", url_model: str = "",
-                    api_key: str = "", max_new_tokens: int = 0, batch_size: int = 128,
+@dataclass
+class TeacherEndpoint(Settings):
+    "An OpenAI-compatible endpoint that answers as the teacher, named as chapter 02's parameters."
+    teacher_url: str = ""  # its base URL, ending in /v1; empty: no endpoint
+    teacher_url_model: str = ""  # the model's name there; empty: its first model
+    teacher_api_key: str = ""  # its API key; empty: none
+
+def teacher_answers(task: Task, records: list[dict], teacher=None, tokenizer=None,
+                    endpoint: TeacherEndpoint | None = None, max_new_tokens: int = 0, batch_size: int = 128,
                     progress: bool = False) -> list[dict]:
     """The teacher's answer to each record's prompt, with the record: from the local `teacher` (with probabilities), or
-    the endpoint at `url`."""
+    the `endpoint` when it has a URL."""
     prompts, system = [task.prompt(r) for r in records], task.system_prompt or None
     budget = max_new_tokens or (answer_budget(tokenizer, task) if tokenizer is not None else 64)
-    if url: answers = endpoint_answers(url, prompts, url_model, api_key, budget, system=system)
+    if endpoint and endpoint.teacher_url:
+        answers = endpoint_answers(endpoint.teacher_url, prompts, endpoint.teacher_url_model, endpoint.teacher_api_key,
+                                   budget, system=system)
     elif teacher is None: raise SlmopsError("Stage 1 needs a teacher: a model and its tokenizer, or an endpoint url.")
     else:
         answers = generate_answers(teacher, tokenizer, prompts, budget, batch_size, scores=True, progress=progress,
@@ -246,54 +257,59 @@ def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
             "answers). Compute them again from these records (save_answer_logits), or pass the teacher.")
     return [{**e, "teacher_logits": t} for e, t in zip(examples, logits)]
 
-def train_student(method: str, student, tokenizer, records: list[dict], *, steps: int, teacher=None,
-                  teacher_logits=None, alpha: float = 0.5, temperature: float = 2.0, lr: float = 3e-3,
-                  batch_size: int = 32, seed: int = 0, max_length: int = 0, task: Task | None = None,
-                  **training_args) -> dict:
-    """Train `student` on the task's records by `method` (one of KD_METHODS) for `steps` optimizer steps; logit KD
-    against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records; `max_length` 0: no
-    answer cut, however long."""
+@dataclass
+class DistillConfig(TrainConfig):
+    "A student's training, named as chapter 02's parameters: `TrainConfig`'s schedule (`max_steps`, the budget), logit KD's loss."
+    lr: float = 3e-3
+    batch_size: int = 32
+    temperature: float = 2.0  # logit KD's softmax temperature T
+    alpha: float = 0.5  # logit KD's weight of the KL term; 1 - alpha weighs cross-entropy
+    max_length: int = 0  # tokens per example; 0: no answer is cut, however long
+
+def train_student(method: str, student, tokenizer, records: list[dict], config: DistillConfig, teacher=None,
+                  teacher_logits=None, task: Task | None = None) -> dict:
+    """Train `student` on the task's records by `method` (one of KD_METHODS) as `config` says, for its `max_steps`;
+    logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records."""
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
-    if steps < 1: raise SlmopsError(f"steps must be at least 1, got {steps}.")
-    examples = task_examples(tokenizer, task or Task(), records, max_length)
-    extra = {}
+    if config.max_steps < 1: raise SlmopsError(f"max_steps must be at least 1 (the students' budget), got {config.max_steps}.")
+    examples, trainer = task_examples(tokenizer, task or Task(), records, config.max_length), Trainer
     if method == "logit_kd":
         if teacher is None and teacher_logits is None:
             raise SlmopsError(
                 "logit_kd needs the teacher model (teacher=...) or its cached logits (teacher_logits=...).")
         if teacher_logits is not None: examples = _with_teacher_logits(examples, teacher_logits)
-        extra = dict(trainer_cls=DistillTrainer, trainer_kwargs=dict(teacher=teacher, alpha=alpha,
-                                                                     temperature=temperature))
-    return train_causal_lm(student, tokenizer, examples, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                           name=method, **extra, **training_args)
+        trainer = partial(DistillTrainer, teacher=teacher, alpha=config.alpha, temperature=config.temperature)
+    return train_causal_lm(student, tokenizer, examples, config=config, trainer=trainer, name=method)
 
 # %% ../nbs/02_distillation.ipynb #f2a031
-def train_student_into(out, method: str, student: str, teacher, records: list[dict], *, steps: int, seed: int = 0,
-                       device: str | None = None, teacher_logits_file=None, **train_args) -> dict:
-    """A fresh `student` trained by `method` on `records` (`train_student`) from `teacher` (a folder, workbench name or
-    hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train seconds and trainer."""
+def _device() -> str | None: return "cuda" if torch.cuda.is_available() else None
+
+def train_student_into(out, method: str, student: str, teacher, records: list[dict], config: DistillConfig,
+                       teacher_logits_file=None, task: Task | None = None) -> dict:
+    """A fresh `student` trained by `method` on `records` as `config` says (`train_student`) from `teacher` (a folder,
+    workbench name or hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train
+    seconds and trainer."""
     teacher_tok = load_tokenizer(teacher)
-    model, tok = make_student(student, teacher_tok, seed)
+    model, tok = make_student(student, teacher_tok, config.seed)
     cached = load_answer_logits(teacher_logits_file) if method == "logit_kd" and teacher_logits_file else None
-    teacher_model = load_model(teacher, device=device) if method == "logit_kd" and cached is None else None
-    res = train_student(method, model, tok, records, steps=steps, teacher=teacher_model, teacher_logits=cached,
-                        seed=seed, **train_args)
+    teacher_model = load_model(teacher, device=_device()) if method == "logit_kd" and cached is None else None
+    res = train_student(method, model, tok, records, config, teacher_model, cached, task)
     with atomic_dir(out) as tmp: save_model(model, tok, tmp)
     return {"folder": Path(out), "train_seconds": res["train_seconds"], "trainer": type(res["trainer"]).__name__}
 
-def train_students(methods, student: str, teacher, gold: list[dict], synthetic: list[dict], out, *, steps: int,
-                   seed: int = 0, device: str | None = None, **train_args) -> dict:
-    """One fresh `student` per KD method, trained for `steps` `side_by_side` into `out/METHOD`: {method: {model,
-    tokenizer, train_seconds, trainer, folder}}."""
+def train_students(methods, student: str, teacher, data: dict, out, config: DistillConfig, teacher_logits_file=None,
+                   task: Task | None = None) -> dict:
+    """One fresh `student` per KD method, trained as `config` says `side_by_side` into `out/METHOD`, the gold-only one
+    on `data["gold"]`, the others on `data["synthetic"]`: {method: {model, tokenizer, train_seconds, trainer, folder}}."""
     from slmops_nb import distillation  # by module: the processes import what they run
     order = sorted(methods, key=lambda m: m != "logit_kd")
-    trained = side_by_side([(distillation.train_student_into, (Path(out) / m, m, student, teacher,
-                                                               gold if m == "gold_only" else synthetic),
-                             dict(steps=steps, seed=seed, device=device, **train_args)) for m in order])
+    trained = side_by_side([(distillation.train_student_into,
+                             (Path(out)/m, m, student, teacher, data["gold" if m == "gold_only" else "synthetic"], config,
+                              teacher_logits_file, task), {}) for m in order])
     done = dict(zip(order, trained))
     return {
         m: {
-            **done[m], "model": load_model(done[m]["folder"], device=device),
+            **done[m], "model": load_model(done[m]["folder"], device=_device()),
             "tokenizer": load_tokenizer(done[m]["folder"])
         }
         for m in methods
@@ -318,18 +334,20 @@ def distill_summary(results: dict, methods, metric: str = "accuracy") -> dict:
     }
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
-def train_gkd(student, teacher, tokenizer, records: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 32,
-              temperature: float = 0.9, lmbda: float = 0.5, beta: float = 0.5, max_new_tokens: int = 4, seed: int = 0,
-              max_length: int = 96, task: Task | None = None, output_dir=None) -> dict:
-    "On-policy distillation of `teacher` into `student` with TRL's GKDTrainer, on the task's records."
+GKD_DEFAULTS = dict(temperature=0.9, lmbda=0.5, beta=0.5, max_new_tokens=4, max_length=96)  # GKDConfig's, for a short answer
+
+def train_gkd(student, teacher, tokenizer, records: list[dict], config: TrainConfig, task: Task | None = None,
+              output_dir=None, **gkd) -> dict:
+    """On-policy distillation of `teacher` into `student` with TRL's GKDTrainer on the task's records, for `config`'s
+    `max_steps`; `gkd`: GKDConfig's own settings over GKD_DEFAULTS."""
     import tempfile
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     check_same_vocabulary(tokenizer, tokenizer, teacher, student)
     data = Dataset.from_list([{"messages": (task or Task()).messages(r, with_answer=True)} for r in records])
-    args = GKDConfig(output_dir=str(output_dir or tempfile.mkdtemp(prefix="slmops-gkd-")), max_steps=steps,
-                     per_device_train_batch_size=batch_size, learning_rate=lr, temperature=temperature, lmbda=lmbda,
-                     beta=beta, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, **training_defaults())
+    args = GKDConfig(output_dir=str(output_dir or tempfile.mkdtemp(prefix="slmops-gkd-")), max_steps=config.max_steps,
+                     per_device_train_batch_size=config.batch_size, learning_rate=config.lr, seed=config.seed,
+                     **{**GKD_DEFAULTS, **gkd}, **training_defaults())
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                          processing_class=tokenizer)
     return run_trainer(trainer, "gkd")

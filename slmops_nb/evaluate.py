@@ -24,12 +24,9 @@ __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_labe
 
 # %% ../nbs/00f_evaluate.ipynb #c005
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
-                     chat: bool = True, scores: bool = False, progress: bool = False,
-                     system: str | None = None) -> list[dict]:
-    """Greedy answer to each prompt: `prompt`, `answer`, `finished` (the turn ended); with `scores`, its probability
-    and its tokens' mean."""
-    texts = [chat_text(tokenizer, p, system=system) for p in prompts] if chat else list(prompts)
+def _greedy(model, tokenizer, texts: list[str], prompts: list[str], max_new_tokens: int, batch_size: int,
+            scores: bool, progress: bool) -> list[dict]:
+    "Greedy continuations of `texts` (the model's input for each of `prompts`), in `generate_answers`' form."
     stop, out = stop_token_ids(tokenizer), []
     for i in progress_bar(range(0, len(texts), batch_size), desc="answers", disable=not progress):
         enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
@@ -49,14 +46,19 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
             out.append(a)
     return out
 
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
+                     scores: bool = False, progress: bool = False, system: str | None = None) -> list[dict]:
+    """Greedy answer to each prompt (a user message, after `system`): `prompt`, `answer`, `finished` (the turn
+    ended); with `scores`, its probability and its tokens' mean."""
+    texts = [chat_text(tokenizer, p, system=system) for p in prompts]
+    return _greedy(model, tokenizer, texts, prompts, max_new_tokens, batch_size, scores, progress)
+
 # %% ../nbs/00f_evaluate.ipynb #c007
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, chat: bool = True,
              system: str | None = None, progress: bool = False) -> list[str]:
     "Greedy completions of `prompts` (user messages, wrapped in the chat template after `system` when `chat`)."
-    return [
-        a["answer"] for a in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat,
-                                              system=system, progress=progress)
-    ]
+    texts = [chat_text(tokenizer, p, system=system) for p in prompts] if chat else list(prompts)
+    return [a["answer"] for a in _greedy(model, tokenizer, texts, prompts, max_new_tokens, batch_size, False, progress)]
 
 # %% ../nbs/00f_evaluate.ipynb #c010
 def normalize_label(text: str, labels) -> str:
@@ -205,11 +207,10 @@ def task_predictions(model, tokenizer, task: Task, records: list[dict], batch_si
 
 # %% ../nbs/00f_evaluate.ipynb #c022
 def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples: list[dict] | None = None,
-                  latency_repeats: int = 0, predictions: bool = False, report: bool = False,
-                  batch_size: int = 64) -> dict:
+                  latency_repeats: int = 0, predictions: bool = False, report: bool = False) -> dict:
     """The task's scores on `records` (and the `predictions`); `perplexity` of `examples`; size, latency and throughput
     with `latency_repeats`."""
-    with Timer() as t: pred = task_predictions(model, tokenizer, task, records, batch_size)
+    with Timer() as t: pred = task_predictions(model, tokenizer, task, records)
     out = {
         **task_scores(task, pred, [task.answer(r) for r in records], report),
         **({"predictions": pred} if predictions else {})

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from .adapt import ADAPTER_METHODS, finetune, load_trained, lora_targets, trainable_parameters
+from .adapt import ADAPTER_METHODS, FinetuneConfig, finetune, load_trained, lora_targets, trainable_parameters
 from .core import SlmopsError, read_json, write_json
 from .parallel import side_by_side
 from .data import Task, chat_text, write_jsonl
@@ -19,9 +20,9 @@ from .tools import finetune_workflow, olive_run_config
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_training_args',
-           'olive_method', 'load_olive_method', 'olive_task_data', 'olive_parity', 'train_method', 'compare_methods',
-           'suggest', 'random_search', 'search_lora', 'finetune_task']
+__all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_method',
+           'load_olive_method', 'olive_task_data', 'olive_parity', 'train_method', 'compare_methods', 'suggest',
+           'random_search', 'search_lora', 'finetune_task']
 
 # %% ../nbs/03_finetuning.ipynb #c69f33ae
 # PEFT with Olive's recipe: the same loss, the same layers
@@ -42,30 +43,13 @@ FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what
                   "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
                   "qa_epochs": {"default": 2, "smoke": 1}}
 
-# %% ../nbs/03_finetuning.ipynb #a5cbb88c
-def olive_training_args(epochs: float = 1, max_steps: int = 0, lr: float = 2e-3, batch_size: int = 8,
-                        grad_accum: int = 1, seed: int = 0) -> dict:
-    """The Hugging Face `TrainingArguments` an Olive LoRA pass gets: the in-process runs' schedule and optimizer, no
-    gradient checkpointing."""
-    args = {
-        "num_train_epochs": epochs, "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum, "learning_rate": lr, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05, "seed": seed, "logging_steps": 10, "gradient_checkpointing": False, "optim": "adamw_torch"
-    }
-    return {**args, "max_steps": max_steps} if max_steps else args
-
 # %% ../nbs/03_finetuning.ipynb #f3a011
-def olive_method(method: str, base, data_file, text_template: str, out, *, r: int = 8, alpha: float = 32,
-                 dropout: float = 0.0, target_modules=None, max_length: int = 64, threads: int | None = None,
-                 **training) -> Path:
-    """Fine-tune on `data_file` with Olive's LoRA or QLoRA pass (`olive run --config`, one example a sequence) into
-    `out/olive`; `training`: `olive_training_args`."""
-    config = finetune_workflow(base, data_file, text_template, method.removeprefix("olive_"), r=r, alpha=alpha,
-                               target_modules=target_modules, max_seq_len=max_length,
-                               training_args=olive_training_args(**training), strategy="line-by-line", dropout=dropout)
-    return olive_run_config(config,
-                            Path(out) / "olive", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
-                            threads=threads)
+def olive_method(method: str, base, data: tuple, out, config: FinetuneConfig, threads: int | None = None) -> Path:
+    """Fine-tune on `data` (file, text template) with Olive's LoRA or QLoRA pass (`olive run --config`, one example a
+    sequence) as `config` says, into `out/olive`."""
+    workflow = finetune_workflow(base, data, method.removeprefix("olive_"), config, strategy="line-by-line")
+    return olive_run_config(workflow, Path(out)/"olive", ["adapter/adapter_config.json",
+                                                          "adapter/adapter_model.safetensors"], threads=threads)
 
 # %% ../nbs/03_finetuning.ipynb #f3a012
 def load_olive_method(method: str, base, folder) -> dict:
@@ -101,63 +85,36 @@ def olive_parity(results: dict, metric: str) -> dict:
     return out
 
 # %% ../nbs/03_finetuning.ipynb #f3a021b
-def train_method(method: str, base, task: Task, data: dict, examples: dict, out, *, olive_data: tuple, lr: float = 2e-3,
-                 full_lr: float = 5e-4, ia3_lr: float = 1e-1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
-                 target_modules=None, max_length: int = 64, patience: int = 1, training: dict | None = None) -> dict:
-    """One method of the comparison trained into `out/method` (Olive's by `olive run`, on this process's threads):
-    where its model is, and, for PEFT's, its figures and loss history."""
+def train_method(method: str, base, task: Task, data: dict, examples: dict, out, config: FinetuneConfig,
+                 olive_data: tuple) -> dict:
+    """One method of the comparison trained into `out/method` as `config` says (Olive's by `olive run` on `olive_data`,
+    on this process's threads): where its model is, and, for PEFT's, its figures and loss history."""
     import torch
-    training, target_modules = training or {}, target_modules or lora_targets(base)
     if method.startswith("olive_"):
-        return {
-            "folder": olive_method(method, base, *olive_data,
-                                   Path(out) / method, r=r, alpha=alpha, dropout=dropout, lr=lr,
-                                   target_modules=target_modules, max_length=max_length,
-                                   threads=torch.get_num_threads(), **training)
-        }
-    tokenizer, kind, targets = load_tokenizer(base), OLIVE_CONTROLS.get(method, method), target_modules
+        return {"folder": olive_method(method, base, olive_data, Path(out)/method, config, torch.get_num_threads())}
+    tokenizer, kind = load_tokenizer(base), OLIVE_CONTROLS.get(method, method)
     if method in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
-        examples = {
-            s: task_examples(tokenizer, task, data[s], 0, completion_only=False)
-            for s in ("train", "validation")
-        }
-        targets = [t for t in target_modules if kind == "lora" or t != "lm_head"]
-    res = finetune(kind, base, tokenizer, examples["train"], examples["validation"],
-                   Path(out) / method, lr={"full": full_lr, "ia3": ia3_lr}.get(kind, lr), r=r, alpha=alpha,
-                   dropout=dropout, target_modules=targets, patience=patience, **training)
-    return {
-        "folder": Path(out) / method / "model", **{
-            k: res[k]
-            for k in ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds", "log_history")
-        }
-    }
+        examples = {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
+        config = replace(config, target_modules=[t for t in config.target_modules if kind == "lora" or t != "lm_head"])
+    res = finetune(kind, base, tokenizer, examples["train"], examples["validation"], Path(out)/method,
+                   config.method_lr(kind))
+    keep = ("trainable_params", "trainable_fraction", "peak_memory_mb", "train_seconds", "log_history")
+    return {"folder": Path(out)/method/"model", **{k: res[k] for k in keep}}
 
 # %% ../nbs/03_finetuning.ipynb #f3a022
-def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out, *, epochs: float = 1,
-                    max_steps: int = 0, lr: float = 2e-3, full_lr: float = 5e-4, ia3_lr: float = 1e-1,
-                    batch_size: int = 8, grad_accum: int = 1, r: int = 8, alpha: float = 32, dropout: float = 0.0,
-                    target_modules=None, max_length: int = 64, patience: int = 1, seed: int = 0) -> dict:
-    """Every method on the same data and budget, trained `side_by_side` (`train_method`, Olive's first: the longest),
-    then each scored here on the task's test split."""
+def compare_methods(methods, base, tokenizer, task: Task, data: dict, examples: dict, out,
+                    config: FinetuneConfig) -> dict:
+    """Every method on the same data and budget (`config`), trained `side_by_side` (`train_method`, Olive's first: the
+    longest), then each scored here on the task's test split."""
     from slmops_nb import finetuning  # by module: the processes import what they run
     check_methods(methods)
     out = Path(out)
-    kw = dict(
-        olive_data=olive_task_data(task, data["train"], tokenizer, out),
-        lr=lr,
-        full_lr=full_lr,
-        ia3_lr=ia3_lr,
-        r=r,
-        # Olive and PEFT adapt the same layers
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules or lora_targets(base),
-        max_length=max_length,
-        patience=patience,
-        training=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed))
+    # Olive and PEFT adapt the same layers
+    config = replace(config, target_modules=config.target_modules or lora_targets(base))
+    args = (base, task, data, examples, out, config, olive_task_data(task, data["train"], tokenizer, out))
     order = sorted(methods, key=lambda m: (not m.startswith("olive_"), m != "full"))
     trained = dict(
-        zip(order, side_by_side([(finetuning.train_method, (m, base, task, data, examples, out), kw) for m in order])))
+        zip(order, side_by_side([(finetuning.train_method, (m, *args), {}) for m in order])))
     results, histories, answers = {}, {}, {}
     for m in methods:
         if m.startswith("olive_"): res = load_olive_method(m, base, trained[m]["folder"])
@@ -194,24 +151,26 @@ def random_search(objective, n_trials: int, seed: int = 0, space: dict = SEARCH_
     return study
 
 # %% ../nbs/03_finetuning.ipynb #f3a035
-def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_trials: int, scale: float = 4.0,
-                seed: int = 0, **finetune_args):
-    """Random search of LoRA's learning rate, rank and batch size: one epoch a trial in `out/trial`, alpha = `scale` ×
-    rank."""
-    def trial_loss(cfg: dict) -> float:
-        return finetune("lora", base, tokenizer, train, valid,
-                        Path(out) / "trial", epochs=1, lr=cfg["lr"], batch_size=cfg["batch_size"], r=cfg["r"],
-                        alpha=scale * cfg["r"], seed=seed, **finetune_args)["best_eval_loss"]
-    return random_search(trial_loss, n_trials, seed)
+def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_trials: int, config: FinetuneConfig):
+    """Random search of LoRA's learning rate, rank and batch size: one epoch a trial of `config` in `out/trial`, alpha
+    scaled with the rank as `config`'s is."""
+    scale = config.lora_alpha / config.lora_r
+    def trial_loss(trial: dict) -> float:
+        trial_config = replace(config, epochs=1, lr=trial["lr"], batch_size=trial["batch_size"], lora_r=trial["r"],
+                               lora_alpha=scale * trial["r"])
+        return finetune("lora", base, tokenizer, train, valid, Path(out)/"trial", trial_config)["best_eval_loss"]
+    return random_search(trial_loss, n_trials, config.seed)
 
 # %% ../nbs/03_finetuning.ipynb #3d9e84a4
-def finetune_task(method: str, base, task: Task, out, *, limit: int = 0, max_length: int = 64, **training) -> dict:
-    "`slmops finetune`: one in-process method on a task's train and validation splits into `out`; torchrun-ready."
+def finetune_task(method: str, base, task: Task, out, config: FinetuneConfig | None = None, limit: int = 0) -> dict:
+    """`slmops finetune`: one in-process method on a task's train and validation splits (the first `limit`) into `out`
+    as `config` says; torchrun-ready."""
+    config = config or FinetuneConfig()
     if method not in ("full", *ADAPTER_METHODS):
         raise SlmopsError(f"Unknown method {method!r}: use one of full, {', '.join(ADAPTER_METHODS)}.")
     data, tok, out = task.splits(), load_tokenizer(base), Path(out)
-    ex = {s: task_examples(tok, task, data[s][:limit or None], max_length) for s in ("train", "validation")}
-    res = finetune(method, base, tok, ex["train"], ex["validation"], out, **training)
+    ex = {s: task_examples(tok, task, data[s][:limit or None], config.max_length) for s in ("train", "validation")}
+    res = finetune(method, base, tok, ex["train"], ex["validation"], out, config)
     import torch.distributed as dist
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     info = {"rank": rank, "world_size": world, "backend": dist.get_backend() if dist.is_initialized() else None,

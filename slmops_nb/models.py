@@ -193,7 +193,7 @@ def _training_data(data, tokenizer, max_length: int, task: Task | None, knows: i
 # %% ../nbs/00d_models.ipynb #c034
 def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
     # here: the Trainer takes seconds to import, and what only loads models needs none
-    from slmops_nb.train import train_causal_lm
+    from slmops_nb.train import TrainConfig, train_causal_lm
     tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(root, task))  # saved with left padding and its pad token
     data, tr = spec["data"], spec["train"]
     if _continued(data):
@@ -208,9 +208,10 @@ def _build_model(out: Path, spec: dict, root=None, task: Task | None = None):
                                              len(train))) if task_teacher else tr["epochs"]
     # early stopping keeps its best epoch there
     with tempfile.TemporaryDirectory(prefix="slmops-build-") as checkpoints:
-        stop = dict(patience=data["patience"], save_strategy="epoch", save_only_model=True) if task_teacher else {}
-        res = train_causal_lm(model, tokenizer, train, eval_examples=valid, epochs=epochs, lr=tr["lr"],
-                              batch_size=tr["batch_size"], seed=spec["seed"], name=f"workbench:{spec['name']}",
+        config = TrainConfig(epochs=epochs, lr=tr["lr"], batch_size=tr["batch_size"], seed=spec["seed"],
+                             patience=data["patience"] if task_teacher else 0)
+        stop = dict(save_strategy="epoch", save_only_model=True) if task_teacher else {}
+        res = train_causal_lm(model, tokenizer, train, valid, config, name=f"workbench:{spec['name']}",
                               output_dir=checkpoints, **stop)
     save_model(model, tokenizer, out)
     write_json(out/"train_log.json", {"train_seconds": res["train_seconds"], "log_history": res["log_history"]})

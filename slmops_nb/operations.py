@@ -10,7 +10,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .adapt import finetune, merge_adapter
+from .adapt import FinetuneConfig, finetune, merge_adapter
 from .core import SlmopsError
 from .data import Task
 from .datagen import drifted_tones
@@ -126,8 +126,8 @@ def train_challenger(champion_merged, task: Task, data: dict, out, epochs: float
     out = Path(out)
     tok = load_tokenizer(champion_merged)
     ex = {s: task_examples(tok, as_prompts(task), data[s], max_length=0) for s in ("train", "validation")}
-    finetune("lora", str(champion_merged), tok, ex["train"], ex["validation"], out / "lora", epochs=epochs, lr=lr,
-             dropout=0.0, seed=seed)
+    config = FinetuneConfig(epochs=epochs, lr=lr, lora_dropout=0.0, seed=seed)
+    finetune("lora", str(champion_merged), tok, ex["train"], ex["validation"], out/"lora", config)
     merge_adapter(str(champion_merged), out/"lora"/"model", tok, out/"merged")
     return out/"merged"
 

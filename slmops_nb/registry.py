@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .core import SlmopsError, cache_root, file_hash, read_json
-from .artifacts import read_manifest, record_artifact
+from .artifacts import read_manifest, record_artifact, run_folder
 
 # %% auto #0
 __all__ = ['STORE', 'ARTIFACT_ROOT', 'ALIASES', 'tracking_uri', 'mlflow_client', 'run_experiment', 'metric_items', 'param_items',
@@ -68,9 +68,10 @@ def log_chapter(chapter_out, params: dict, metrics: dict | None = None) -> str:
     from mlflow.entities import Metric, Param
     out = Path(chapter_out).resolve()
     if metrics is None: metrics = read_json(out/"metrics.json") if (out/"metrics.json").exists() else {}
-    client = mlflow_client(tracking_uri(out.parent))
-    run = client.create_run(run_experiment(client, out.parent), run_name=out.name,
-                            tags={"slmops.chapter": out.name, "slmops.run": str(out.parent)})
+    folder = run_folder(out)
+    client = mlflow_client(tracking_uri(folder))
+    run = client.create_run(run_experiment(client, folder), run_name=out.name,
+                            tags={"slmops.chapter": out.name, "slmops.run": str(folder)})
     now, ms, ps = int(time.time() * 1000), list(metric_items(metrics).items()), list(param_items(params).items())
     for i in range(0, max(len(ms), len(ps)), 100):  # MLflow takes at most 100 parameters a batch
         client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in ms[i:i + 100]],
@@ -178,7 +179,7 @@ def register_chapter(chapter_out, mlflow_run: str = "") -> dict[str, str]:
     """Register each model folder the chapter recorded in the run's manifest, with its lineage and an alias;
     `{artifact: 'name/version'}`."""
     out = Path(chapter_out).resolve()
-    run, task = out.parent, (read_json(out / "metrics.json") if
+    run, task = run_folder(out), (read_json(out / "metrics.json") if
                              (out / "metrics.json").exists() else {}).get("task", {"builtin": True})
     client, done = mlflow_client(tracking_uri(run)), {}
     for artifact, rec in read_manifest(run).items():

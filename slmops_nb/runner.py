@@ -18,7 +18,9 @@ from unittest import mock
 
 from .core import (SlmopsError, atomic_write_text, check_profile, env_report, new_run_dir, read_json, to_jsonable,
     write_json, write_metrics)
-from .data import TASK_FIELDS, Task, task_from_params
+from .artifacts import run_folder
+from .chapter import chapter_task
+from .data import TASK_FIELDS, Task
 from .measure import Timer
 
 # %% auto #0
@@ -147,11 +149,8 @@ def resolve_user_paths(params: dict, cwd=None) -> dict:
 # %% ../nbs/00l_runner.ipynb #c009e
 def check_data(params: dict) -> Task | None:
     "The task the data parameters (or `task_file`) describe, read and checked; None when none is set."
-    given = {k: params[k] for k in TASK_FIELDS if k in params}
-    if not given and not params.get("task_file"): return None
-    task = task_from_params(params.get("task_file", ""), params.get("seed", 0), **given)
-    task.splits()
-    return task
+    task, given = chapter_task(params)
+    return task if given else None
 
 # %% ../nbs/00l_runner.ipynb #r031
 class ChapterFailed(SlmopsError):
@@ -248,7 +247,7 @@ def run_chapter(src: Path, chapter_out: Path, profile: str, params: dict, progre
     return {"chapter": src.stem, "status": "failed" if err else "warning" if metrics.get("warnings") else "ok",
             "seconds": round(t.seconds, 1), "notebook": str(executed),
             "error": _failure_message(src.stem, executed, err) if err else None, "metrics": metrics,
-            "plots": sorted(str(p.relative_to(chapter_out.parent)) for p in chapter_out.glob("*.png"))}
+            "plots": sorted(str(p.relative_to(run_folder(chapter_out))) for p in chapter_out.glob("*.png"))}
 
 # %% ../nbs/00l_runner.ipynb #r043
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -327,11 +326,14 @@ def run_workbook(chapters: list[str] | None = None, profile: str = "default", ou
     nbs = notebooks_dir(nbs)
     paths = [find_chapter(c, nbs) for c in chapters] if chapters else list_chapters(nbs)
     params = resolve_user_paths(params or {})
-    per_chapter = check_params(paths, params)
-    check_data(params)
+    check_params(paths, params)
+    task = check_data(params)
     run = Path(out) if out else new_run_dir()
     run.mkdir(parents=True, exist_ok=True)
     run = run.resolve()
+    handed = {k: v for k, v in params.items() if task is None or k not in (*TASK_FIELDS, "task_file")}
+    if task is not None: handed["task_file"] = str(task.save(run/"task.json"))  # checked once, handed on whole
+    per_chapter = check_params(paths, handed)
     summary = {"run": str(run), "profile": profile, "params": params, "env": env_report(), "chapters": []}
     print(f"slmops run: {len(paths)} chapter(s), profile {profile}, into {run}", flush=True)
     for i, src in enumerate(paths, 1):

@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['ROLES', 'SECONDS', 'SHARES', 'ROLES_SERVED', 'ROUTES', 'RequestError', 'json_guidance', 'label_guidance',
            'response_guidance', 'answer_schema', 'json_budget', 'task_guidance', 'follows', 'parse_chat_request',
-           'ServerMetrics', 'redact_pii', 'RequestLog', 'read_request_log', 'user_share', 'check_rollout', 'Rollout',
-           'Server', 'create_app', 'run_server', 'free_port', 'ServerProcess', 'load_test']
+           'ServerMetrics', 'redact_pii', 'RequestLog', 'read_request_log', 'user_share', 'check_rollout',
+           'RolloutConfig', 'Rollout', 'Server', 'create_app', 'ServeConfig', 'run_server', 'free_port',
+           'ServerProcess', 'load_test']
 
 # %% ../nbs/00i_serve.ipynb #c002
 import hashlib
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,7 +33,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from .child import child_command
-from .core import SlmopsError
+from .core import Settings, SlmopsError
 from .data import Task
 from .measure import percentile
 from .runtimes import check_genai_folder, load_runtime
@@ -241,7 +243,7 @@ def user_share(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 # %% ../nbs/00i_serve.ipynb #c113
-def check_rollout(weight: float = 0.0, shadow: bool = False, **limits):
+def check_rollout(weight: float = 0.0, shadow: bool = False):
     """A clear error for a canary weight outside 0..1, or a weight and shadow mode at once (checked before any model
     loads)."""
     if not 0 <= weight <= 1: raise SlmopsError(f"The canary weight is a share of users from 0 to 1, got {weight}.")
@@ -249,22 +251,34 @@ def check_rollout(weight: float = 0.0, shadow: bool = False, **limits):
         raise SlmopsError(
             "Shadow mode answers every request with the champion: give a canary weight or shadow, not both.")
 
-class Rollout:
-    """The champion and an optional challenger: which answers a request (canary `weight`, sticky by user, or `shadow`),
-    and the rollback."""
+@dataclass
+class RolloutConfig(Settings):
+    "How a challenger answers beside the champion, and when it is rolled back; named as `slmops serve`'s options."
+    canary_weight: float = 0.0  # the share of users (sticky by the request's user) the challenger answers
+    shadow: bool = False  # the champion answers everyone; the challenger answers too, into the log only
+    max_error_rate: float = 0.05  # roll back when the challenger's recent error rate passes this
+    max_p95_ms: float | None = None  # roll back when the challenger's recent p95 latency passes this
+    min_agreement: float | None = None  # roll back when fewer of the challenger's recent answers match the champion's
+    window: int = 50  # the challenger's recent requests the limits look at
+    min_requests: int = 20  # the challenger's requests before a limit can roll it back
 
-    def __init__(self, champion, challenger=None, weight: float = 0.0, shadow: bool = False,
-                 max_error_rate: float = 0.05, max_p95_ms: float | None = None, min_agreement: float | None = None,
-                 labels=None, window: int = 50, min_requests: int = 20):
-        check_rollout(weight, shadow)
+    def __post_init__(self): check_rollout(self.canary_weight, self.shadow)
+
+class Rollout:
+    """The champion and an optional challenger: which answers a request (the canary weight, sticky by user, or shadow
+    mode), and the rollback, as `config` says; `labels`: the only valid answers."""
+
+    def __init__(self, champion, challenger=None, config: RolloutConfig | None = None, labels=None):
+        config = self.config = config or RolloutConfig()
         self.models = {"champion": champion, "challenger": challenger}
         self.versions = {"champion": champion.name, "challenger": challenger.name if challenger else None}
-        self.weight, self.shadow, self.max_error_rate, self.max_p95_ms = weight, shadow, max_error_rate, max_p95_ms
-        self.min_agreement, self.agreement = min_agreement, deque(maxlen=window)
+        self.weight, self.shadow = config.canary_weight, config.shadow  # the weight changes while serving
+        self.max_error_rate, self.max_p95_ms, self.min_agreement = (config.max_error_rate, config.max_p95_ms,
+                                                                    config.min_agreement)
+        self.agreement, self.recent = deque(maxlen=config.window), deque(maxlen=config.window)
         self.labels = {l.lower() for l in labels} if labels else None
-        self.min_requests, self.recent, self.lock = min_requests, deque(maxlen=window), threading.Lock()
+        self.min_requests, self.lock = config.min_requests, threading.Lock()
         self.rolled_back = self.load_error = None
-
     def pick(self, user: str | None, request_id: str) -> str:
         """`champion` or `challenger` for this request: the challenger for a `weight` share of users while it is loaded
         and not rolled back."""
@@ -561,37 +575,50 @@ def _sse(pieces, max_tokens: int, cid: str, created: int, model_id: str, done=No
         if done: done(status, sent, error)
 
 # %% ../nbs/00i_serve.ipynb #c016
-def run_server(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               model_id: str | None = None, runtime: str = "genai", registry=None, challenger=None, request_log=None,
-               log_prompts: bool = False, foundry_home=None, constrain_labels: bool = False, **rollout):
-    """Serve `model` (a folder, or `models:/NAME@ALIAS` in `registry`) on http://HOST:PORT/v1 until interrupted; a
-    `challenger` beside it; `constrain_labels`: every answer one of `labels`."""
+@dataclass
+class ServeConfig(Settings):
+    "How `slmops serve` serves a model, named as its options."
+    host: str = "127.0.0.1"  # the interface to listen on (default: loopback only)
+    port: int = 8000  # the port
+    api_key: str | None = None  # require Authorization: Bearer KEY (slmops serve: default $SLMOPS_API_KEY)
+    model_id: str | None = None  # the model's name in the API (default: the folder's name, or NAME-ALIAS)
+    runtime: str = "genai"  # genai (an exported folder), pytorch (a Hugging Face folder), llamacpp (GGUF), foundry
+    registry: str | None = None  # the run folder whose registry holds models:/ names (default: $MLFLOW_TRACKING_URI)
+    foundry_home: str | None = None  # Foundry Local's app data folder (runtime foundry)
+    request_log: str | None = None  # append a JSON line per request to this file (for slmops monitor)
+    log_prompts: bool = False  # also log the prompt's text, redacted (off by default: privacy first)
+    constrain_labels: bool = False  # every answer is one of the task's labels (ONNX Runtime GenAI's guidance)
+
+def run_server(model, config: ServeConfig | None = None, rollout: RolloutConfig | None = None, challenger=None,
+               labels=None):
+    """Serve `model` (a folder, or `models:/NAME@ALIAS` in the registry) as `config` says until interrupted; a
+    `challenger` beside it as `rollout` says; `labels`: the only valid answers."""
     import uvicorn
     from slmops_nb.registry import model_version
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"slmops serve: listening on {host} without an API key: anyone who can reach it can use it.",
+    config, rollout = config or ServeConfig(), rollout or RolloutConfig()
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"slmops serve: listening on {config.host} without an API key: anyone who can reach it can use it.",
               file=sys.stderr)
-    check_rollout(**rollout)
-    if constrain_labels and not rollout.get("labels"):
+    if config.constrain_labels and not labels:
         raise SlmopsError("Constraining answers to the labels needs the labels: give the classification task (--task).")
-    folder, version = model_version(model, registry)
-    model_id = model_id or (str(model).split("/")[1].replace("@", "-")
-                            if str(model).startswith("models:/") else folder.name)
+    folder, version = model_version(model, config.registry)
+    model_id = config.model_id or (str(model).split("/")[1].replace("@", "-")
+                                   if str(model).startswith("models:/") else folder.name)
     if challenger is not None:  # a broken folder is refused now, with the reason, not later in the background
-        challenger_folder, challenger_version = model_version(challenger, registry)
-        if runtime in ("genai", "foundry"): check_genai_folder(challenger_folder)
+        challenger_folder, challenger_version = model_version(challenger, config.registry)
+        if config.runtime in ("genai", "foundry"): check_genai_folder(challenger_folder)
         elif not (challenger_folder/"config.json").exists():
             raise SlmopsError(
                 f"{challenger_folder}: no config.json, so not a Hugging Face model folder (--runtime pytorch).")
-    champion = load_runtime(runtime, folder, version, foundry_home)
-    plan = Rollout(champion, **rollout)
+    champion = load_runtime(config.runtime, folder, version, config.foundry_home)
+    plan = Rollout(champion, config=rollout, labels=labels)
     if challenger is not None:
-        plan.load_challenger(lambda: load_runtime(runtime, challenger_folder, challenger_version, foundry_home),
-                             challenger_version)
-    log = RequestLog(request_log, log_prompts) if request_log else None
-    app = create_app(champion, model_id=model_id, api_key=api_key, rollout=plan, log=log,
-                     labels_only=rollout["labels"] if constrain_labels else None)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+        plan.load_challenger(lambda: load_runtime(config.runtime, challenger_folder, challenger_version,
+                                                  config.foundry_home), challenger_version)
+    log = RequestLog(config.request_log, config.log_prompts) if config.request_log else None
+    app = create_app(champion, model_id=model_id, api_key=config.api_key, rollout=plan, log=log,
+                     labels_only=labels if config.constrain_labels else None)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 # %% ../nbs/00i_serve.ipynb #c018
 def free_port() -> int:
@@ -608,7 +635,7 @@ class ServerProcess:
                  runtime: str = "genai", args=()):
         self.model_dir, self.api_key, self.port, self.timeout, self.runtime = Path(
             model_dir), api_key, port or free_port(), timeout, runtime
-        self.args = [str(a) for a in args]  # more of slmops serve's options: --challenger, --canary, --request-log, ...
+        self.args = [str(a) for a in args]  # more of slmops serve's options: --challenger, --canary_weight, --request_log, ...
         self.log = Path(log) if log else self.model_dir.with_name(self.model_dir.name + ".serve.log")
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
@@ -641,20 +668,19 @@ class ServerProcess:
         self._log.close()
 
 # %% ../nbs/00i_serve.ipynb #c022
-def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int = 8, api_key: str | None = None,
-              max_tokens: int = 8, expected: dict | None = None, pid: int | None = None,
-              system: str | None = None) -> dict:
-    """`requests` chat completions (`system`, then a prompt) through the `openai` client, `concurrency` in flight;
-    latency, errors, wrong answers, server RSS."""
+def load_test(server: ServerProcess, prompts: list[str], requests: int, concurrency: int = 8, max_tokens: int = 8,
+              expected: dict | None = None, system: str | None = None) -> dict:
+    """`requests` chat completions (`system`, then a prompt) to a running `server` through the `openai` client,
+    `concurrency` in flight; latency, errors, wrong answers, the server's RSS."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
     import psutil
     from openai import OpenAI
-    client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=server.base_url, api_key=server.api_key or "unused", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     lock, state = threading.Lock(), {"in_flight": 0, "max_in_flight": 0}
-    server = psutil.Process(pid) if pid else None
-    rss = [server.memory_info().rss / 2**20] if server else []
+    process = psutil.Process(server.pid)
+    rss = [process.memory_info().rss / 2**20]
 
     def one(i: int) -> dict:
         prompt = prompts[i % len(prompts)]
@@ -667,14 +693,14 @@ def load_test(base_url: str, prompts: list[str], requests: int, concurrency: int
         except Exception as e: answer, error = None, f"{type(e).__name__}: {e}"
         finally:
             with lock: state["in_flight"] -= 1
-        if server and i % 20 == 0: rss.append(server.memory_info().rss / 2**20)
+        if i % 20 == 0: rss.append(process.memory_info().rss / 2**20)
         return {"ms": (time.perf_counter() - t0) * 1000, "answer": answer, "error": error, "prompt": prompt}
 
     with ThreadPoolExecutor(concurrency) as pool: results = list(pool.map(one, range(requests)))
     ok = [r for r in results if r["error"] is None]
     wrong = [r for r in ok if expected is not None and expected.get(r["prompt"]) != r["answer"]]
-    if server: rss.append(server.memory_info().rss / 2**20)
-    half = rss[len(rss) // 2:] if rss else []
+    rss.append(process.memory_info().rss / 2**20)
+    half = rss[len(rss) // 2:]
     return {
         "requests": requests, "errors": len(results) - len(ok), "wrong_answers": len(wrong),
         "concurrency": state["max_in_flight"], "p50_ms": percentile([r["ms"] for r in ok], 50) if ok else None,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .adapt import FinetuneConfig
 from .child import child_command
 from .core import SlmopsError, atomic_dir, write_json
 from .data import load_records, template_fields
@@ -20,8 +21,8 @@ from .models import resolve_model
 
 # %% auto #0
 __all__ = ['OLIVE_QUIET', 'OLIVE_METHODS', 'OLIVE_PROVIDERS', 'OLIVE_STRATEGIES', 'ToolError', 'run_tool', 'run_olive',
-           'olive_finetune', 'text_data_config', 'olive_workflow', 'finetune_workflow', 'olive_run_config',
-           'run_olive_batch', 'olive_run_configs']
+           'olive_training_args', 'olive_finetune', 'text_data_config', 'olive_workflow', 'finetune_workflow',
+           'olive_run_config', 'run_olive_batch', 'olive_run_configs']
 
 # %% ../nbs/00h_tools.ipynb #c005
 class ToolError(SlmopsError):
@@ -41,12 +42,11 @@ def _relocate(tmp: Path, final: Path):
 
 # %% ../nbs/00h_tools.ipynb #c009
 def run_tool(name: str, command: Callable[[Path], list], out, expect: list[str], timeout: float | None = None,
-             threads: int | None = None, scratch: tuple[str, ...] = (), title: str | None = None,
-             env: dict | None = None) -> Path:
+             threads: int | None = None, scratch: tuple[str, ...] = (), env: dict | None = None) -> Path:
     """Run `command(tmp)` (with `env` added to the environment) in a temporary folder that replaces `out` only if it
-    succeeds and holds every path in `expect`."""
-    out = Path(out).resolve()
-    log = out.with_name(f"{out.name}.{name}.log")
+    succeeds and holds every path in `expect`; `name`'s first word (`olive finetune`: olive) names its log."""
+    out, tool = Path(out).resolve(), name.split()[0]
+    log = out.with_name(f"{out.name}.{tool}.log")
     # tools that share the machine each get a few CPU threads: PyTorch takes every core by default, and two such
     # processes on the same cores slow each other down several times over
     env = {
@@ -65,11 +65,11 @@ def run_tool(name: str, command: Callable[[Path], list], out, expect: list[str],
         missing = [e for e in expect if not (tmp/e).exists()]
         if p.returncode != 0 or missing:
             what = f"exited with code {p.returncode}" if p.returncode else f"exited 0 but did not write {missing}"
-            raise ToolError(f"{title or name} {what}; nothing was written to {out}. Full log: {log}\n"
+            raise ToolError(f"{name} {what}; nothing was written to {out}. Full log: {log}\n"
                             f"--- last lines of the log ---\n{_tail(log)}")
         for s in scratch: shutil.rmtree(tmp/s, ignore_errors=True)
         _relocate(tmp, out)
-        write_json(tmp/f"slmops_{name}.json", {"args": cmd[1:], "seconds": t.seconds, "peak_memory_mb": mem.peak_mb})
+        write_json(tmp/f"slmops_{tool}.json", {"args": cmd[1:], "seconds": t.seconds, "peak_memory_mb": mem.peak_mb})
     return out
 
 # %% ../nbs/00h_tools.ipynb #c013
@@ -79,49 +79,45 @@ OLIVE_QUIET = {"OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"}
 
 def run_olive(args: list, out, expect: list[str], timeout: float | None = None, threads: int | None = None) -> Path:
     "Run `olive ARGS -o OUT` and check that OUT holds every path in `expect`; OUT is replaced only on success."
-    return run_tool(
-        "olive",
-        lambda tmp: [sys.executable, "-m", "olive", *args, "-o", tmp],
-        out,
-        expect,
-        timeout,
-        threads,
-        # Olive's cache: its working folder
-        scratch=(".olive-cache", ),
-        title=f"olive {args[0]}",
-        env=OLIVE_QUIET)
+    return run_tool(f"olive {args[0]}", lambda tmp: [sys.executable, "-m", "olive", *args, "-o", tmp], out, expect,
+                    timeout, threads, scratch=(".olive-cache",), env=OLIVE_QUIET)  # Olive's cache: its working folder
 
 # %% ../nbs/00h_tools.ipynb #c015
 OLIVE_METHODS = ("lora", "qlora")
 
-def _finetune_data(method: str, r: int, data_file, text_template: str) -> tuple[Path, list[dict]]:
-    "Check the arguments of a fine-tuning workflow before Olive starts; returns the data file and its records."
+def _finetune_data(method: str, data: tuple) -> tuple[Path, str, list[dict]]:
+    "Check a fine-tuning's `data` (file, text template) and method before Olive starts: the file, template, records."
     if method not in OLIVE_METHODS:
         raise SlmopsError(f"Unknown Olive fine-tuning method {method!r}: use one of {OLIVE_METHODS}.")
-    if r < 1: raise SlmopsError(f"LoRA rank must be at least 1, got {r}.")
-    data_file = Path(data_file).resolve()
+    data_file, text_template = Path(data[0]).resolve(), data[1]
     # a missing column fails here, clearly
-    return data_file, load_records(data_file, columns=template_fields(text_template))
+    return data_file, text_template, load_records(data_file, columns=template_fields(text_template))
 
 # %% ../nbs/00h_tools.ipynb #c016
 def _data_format(data_file: Path) -> str: return {".csv": "csv"}.get(data_file.suffix.lower(), "json")
 
+# %% ../nbs/00h_tools.ipynb #c017b
+def olive_training_args(config: FinetuneConfig) -> dict:
+    "The `TrainingArguments` an Olive LoRA pass gets from `config`: its schedule, no gradient checkpointing."
+    args = {"num_train_epochs": config.epochs, "per_device_train_batch_size": config.batch_size,
+            "gradient_accumulation_steps": config.grad_accum, "learning_rate": config.lr, "lr_scheduler_type": "cosine",
+            "warmup_steps": 0.05, "seed": config.seed, "logging_steps": 10, "gradient_checkpointing": False,
+            "optim": "adamw_torch"}
+    return {**args, "max_steps": config.max_steps} if config.max_steps else args
+
 # %% ../nbs/00h_tools.ipynb #c018
-def olive_finetune(base, data_file, text_template: str, out, method: str = "lora", r: int = 8, alpha: int = 16,
-                   target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
-                   training_args: dict | None = None, dry_run: bool = False, timeout: float | None = None,
-                   threads: int | None = None) -> Path:
-    "Fine-tune `base` (workbench name or folder) with `olive finetune --method lora|qlora`; returns the output folder."
-    data_file, records = _finetune_data(method, r, data_file, text_template)
-    args = [
-        "finetune", "--method", method, "-m",
-        Path(resolve_model(base)).resolve(), "-d",
-        _data_format(data_file), "--data_files", data_file, "--train_split", "train", "--text_template", text_template,
-        "--max_samples",
-        len(records), "--max_seq_len", max_seq_len, "--torch_dtype", torch_dtype, "--lora_r", r, "--lora_alpha", alpha
-    ]
-    if target_modules: args += ["--target_modules", ",".join(target_modules)]
-    for k, v in (training_args or {}).items(): args += [f"--{k}", v]
+def olive_finetune(base, data: tuple, out, method: str = "lora", config: FinetuneConfig | None = None,
+                   dry_run: bool = False, timeout: float | None = None, threads: int | None = None) -> Path:
+    """Fine-tune `base` (workbench name or folder) on `data` (file, text template) with `olive finetune --method
+    lora|qlora` as `config` says; returns the output folder."""
+    config = config or FinetuneConfig()
+    data_file, text_template, records = _finetune_data(method, data)
+    args = ["finetune", "--method", method, "-m", Path(resolve_model(base)).resolve(), "-d", _data_format(data_file),
+            "--data_files", data_file, "--train_split", "train", "--text_template", text_template, "--max_samples",
+            len(records), "--max_seq_len", config.max_length or 128, "--torch_dtype", "float32",
+            "--lora_r", config.lora_r, "--lora_alpha", config.lora_alpha]
+    if config.target_modules: args += ["--target_modules", ",".join(config.target_modules)]
+    for k, v in olive_training_args(config).items(): args += [f"--{k}", v]
     args.append("--save_config_file")  # config.json: the workflow Olive ran, reusable with `olive run --config`
     if dry_run: return run_olive(args + ["--dry_run"], out, ["config.json"], timeout, threads)
     return run_olive(args, out, ["config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
@@ -160,27 +156,25 @@ def olive_workflow(input_model: dict, passes: dict, device: str = "cpu", **extra
 # %% ../nbs/00h_tools.ipynb #c024
 OLIVE_STRATEGIES = ("join", "line-by-line")  # how Olive 0.13 cuts training texts into sequences (its TextGenStrategy)
 
-def finetune_workflow(base, data_file, text_template: str, method: str = "lora", r: int = 8, alpha: int = 16,
-                      target_modules: list[str] | None = None, max_seq_len: int = 128, torch_dtype: str = "float32",
-                      training_args: dict | None = None, device: str = "cpu", strategy: str | None = None,
-                      dropout: float | None = None) -> dict:
+def finetune_workflow(base, data: tuple, method: str = "lora", config: FinetuneConfig | None = None,
+                      device: str = "cpu", strategy: str | None = None, set_dropout: bool = True) -> dict:
     """The workflow `olive finetune` runs (Olive 0.13's saved config.json), as a dict: one LoRA or QLoRA pass on
-    `data_file`; `strategy` and `dropout` are what its flags cannot set."""
-    data_file, records = _finetune_data(method, r, data_file, text_template)
+    `data` (file, text template) as `config` says; `strategy` and the dropout are what its flags cannot set."""
+    config = config or FinetuneConfig()
+    data_file, text_template, records = _finetune_data(method, data)
     if strategy not in (None, *OLIVE_STRATEGIES):
         raise SlmopsError(
             f"Unknown Olive data strategy {strategy!r}: use one of {OLIVE_STRATEGIES} (None: Olive's default, join).")
-    lora = {"train_data_config": "train_data", "type": method, "torch_dtype": torch_dtype,
-            "training_args": dict(training_args or {}), "r": r, "alpha": alpha}
+    lora = {"train_data_config": "train_data", "type": method, "torch_dtype": "float32",
+            "training_args": olive_training_args(config), "r": config.lora_r, "alpha": config.lora_alpha}
     # as Olive's command does: --target_modules only for LoRA (its QLoRA targets every linear layer but lm_head)
-    if method == "lora" and target_modules: lora["target_modules"] = list(target_modules)
+    if method == "lora" and config.target_modules: lora["target_modules"] = list(config.target_modules)
     if method == "qlora": lora["save_quant_config"] = False
-    if dropout is not None: lora["lora_dropout"] = dropout  # Olive's default is 0.05
+    if set_dropout: lora["lora_dropout"] = config.lora_dropout  # else Olive's default, 0.05
     model = {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
              "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}}
-    return olive_workflow(
-        model, {"f": lora}, device, no_artifacts=True,
-        data_configs=[text_data_config("train_data", data_file, text_template, max_seq_len, len(records), strategy)])
+    data_config = text_data_config("train_data", data_file, text_template, config.max_length or 128, len(records), strategy)
+    return olive_workflow(model, {"f": lora}, device, no_artifacts=True, data_configs=[data_config])
 
 # %% ../nbs/00h_tools.ipynb #c025
 def _workflow_file(path, config: dict) -> Path:
@@ -201,8 +195,8 @@ def run_olive_batch(jobs: dict[str, list], out, expect: list[str], timeout: floa
     """Run `olive ARGS -o out/NAME` for each NAME, ARGS of `jobs`, one after the other in one Python process; `out` is
     replaced only if every run wrote every path in `expect`."""
     command = lambda tmp: child_command("olive_batch", [[*map(str, args), "-o", tmp/name] for name, args in jobs.items()])
-    folder = run_tool("olive", command, out, [f"{name}/{e}" for name in jobs for e in expect], timeout, threads,
-                      scratch=(".olive-cache",), title=f"olive ({len(jobs)} runs in one process)", env=OLIVE_QUIET)
+    folder = run_tool(f"olive ({len(jobs)} runs in one process)", command, out,
+                      [f"{name}/{e}" for name in jobs for e in expect], timeout, threads, (".olive-cache",), OLIVE_QUIET)
     return {name: folder/name for name in jobs}
 
 def olive_run_configs(configs: dict[str, dict], out, expect: list[str], timeout: float | None = None,

@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .core import SlmopsError, progress_bar, widget_progress
+from .core import Settings, SlmopsError, progress_bar, widget_progress
 from .parallel import pool_threads
 from .data import DataError, Task, chat_text
 from .measure import Timer
 
 # %% auto #0
 __all__ = ['FLAT_MAX_TOKENS', 'encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'FlatCollator', 'EpochLogger',
-           'StepBar', 'PoolThreads', 'overfitting_points', 'OverfittingWarning', 'training_defaults', 'run_trainer',
-           'train_causal_lm', 'class_weights', 'weighted_examples', 'WeightedLossTrainer']
+           'StepBar', 'PoolThreads', 'overfitting_points', 'OverfittingWarning', 'TrainConfig', 'training_defaults',
+           'run_trainer', 'train_causal_lm', 'class_weights', 'weighted_examples', 'WeightedLossTrainer']
 
 # %% ../nbs/00e_train.ipynb #c005
 def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> list[dict]:
@@ -161,6 +162,24 @@ class OverfittingWarning(TrainerCallback):
                 "Early stopping keeps the best checkpoint; fewer epochs or a lower learning rate avoid it.")
         self.seen = len(points)
 
+# %% ../nbs/00e_train.ipynb #c020b
+@dataclass
+class TrainConfig(Settings):
+    "How long and how fast a model trains, named as the chapters' parameters; `training_args` gives Hugging Face's."
+    epochs: float = 1  # passes over the training set
+    max_steps: int = 0  # optimizer steps; 0: train for epochs
+    lr: float = 1e-3  # learning rate
+    batch_size: int = 16  # examples per device and step
+    grad_accum: int = 1  # gradient accumulation steps
+    patience: int = 0  # evaluations without a better validation loss before stopping; 0: never stop early
+    seed: int = 0  # random seed of the initialization, the data order and dropout
+
+    def training_args(self) -> dict:
+        "These settings as `TrainingArguments`."
+        return dict(num_train_epochs=self.epochs, max_steps=self.max_steps or -1, learning_rate=self.lr,
+                    per_device_train_batch_size=self.batch_size, per_device_eval_batch_size=max(self.batch_size, 32),
+                    gradient_accumulation_steps=self.grad_accum, seed=self.seed, data_seed=self.seed)
+
 # %% ../nbs/00e_train.ipynb #c021
 def training_defaults() -> dict:
     "TrainingArguments every workbook trainer shares: cosine schedule, short warm-up, no checkpoints, no progress bars."
@@ -179,37 +198,26 @@ def run_trainer(trainer, name: str = "train") -> dict:
     return {"train_seconds": t.seconds, "log_history": trainer.state.log_history, "trainer": trainer}
 
 # %% ../nbs/00e_train.ipynb #c024
-def train_causal_lm(model, tokenizer, train: list[dict], *, eval_examples: list[dict] | None = None, epochs: float = 1,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0, output_dir=None, name: str = "train",
-                    callbacks=(), trainer_cls=Trainer, trainer_kwargs: dict | None = None, patience: int | None = None,
-                    **training_args) -> dict:
-    """Train `model` on encoded examples with the HF Trainer (or a subclass); returns the loss history and seconds.
-    With `patience`, it stops when the validation loss has not improved for that many evaluations and ends on its
-    best checkpoint (save at every evaluation: `save_strategy`)."""
+def train_causal_lm(model, tokenizer, train: list[dict], valid: list[dict] | None = None,
+                    config: TrainConfig | None = None, trainer=Trainer, name: str = "train", **training_args) -> dict:
+    """Train `model` on encoded examples as `config` says with `trainer` (the HF Trainer, a subclass, or a partial of
+    one); returns the loss history and seconds. With `config.patience`, it stops when the validation loss has not
+    improved for that many evaluations and ends on its best checkpoint. `training_args`: more `TrainingArguments`."""
+    config = config or TrainConfig()
     if not train: raise SlmopsError(f"{name}: no training examples.")
-    if patience is not None:
-        callbacks = [EarlyStoppingCallback(patience), *callbacks]
+    if config.patience:
         training_args = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
                              save_total_limit=1, **training_args)
-    out = output_dir or tempfile.mkdtemp(prefix="slmops-train-")
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 32),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        seed=seed,
-        data_seed=seed,
-        # remove_unused_columns: the collators build the model's inputs; on, the Trainer would drop what a subclass's loss
-        # reads (weight, teacher_logits)
-        **{
-            **training_defaults(), "remove_unused_columns": False, "eval_strategy": "epoch" if eval_examples else "no",
-            **training_args
-        })
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=eval_examples,
-                          callbacks=list(callbacks), data_collator=FlatCollator(tokenizer.pad_token_id),
-                          **(trainer_kwargs or {}))
-    return run_trainer(trainer, name)
+    out = training_args.pop("output_dir", None) or tempfile.mkdtemp(prefix="slmops-train-")
+    # remove_unused_columns: the collators build the model's inputs; on, the Trainer would drop what a subclass's loss
+    # reads (weight, teacher_logits)
+    args = TrainingArguments(output_dir=str(out), **{**config.training_args(), **training_defaults(),
+                                                     "remove_unused_columns": False,
+                                                     "eval_strategy": "epoch" if valid else "no", **training_args})
+    run = trainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                  data_collator=FlatCollator(tokenizer.pad_token_id))
+    if config.patience: run.add_callback(EarlyStoppingCallback(config.patience))
+    return run_trainer(run, name)
 
 # %% ../nbs/00e_train.ipynb #c027
 def class_weights(labels: list[str]) -> dict[str, float]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from slmops_nb.measure import PeakMemory, latency_stats, model_size
-from slmops_nb.core import (SlmopsError, atomic_dir, atomic_write_text, by_profile, cached_artifact, chapter_dir, content_hash, env_report,
+from slmops_nb.chapter import chapter_folder
+from slmops_nb.core import (SlmopsError, atomic_dir, atomic_write_text, by_profile, cached_artifact, content_hash, env_report,
     new_run_dir, seed_everything, write_metrics)
 
 
@@ -64,7 +65,7 @@ def test_interrupted_build_leaves_nothing_and_rebuilds(tmp_path):
 def test_run_dirs_and_latest(tmp_path):
     r1, r2 = new_run_dir(tmp_path), new_run_dir(tmp_path)
     assert r1 != r2 and (tmp_path/"latest").resolve() == r2.resolve()
-    d = chapter_dir("01_introduction")  # no out_dir: a new run under $SLMOPS_RUNS_ROOT
+    d = chapter_folder({"__session__": "nbs/01_introduction.ipynb"})  # no out_dir: a new run under $SLMOPS_RUNS_ROOT
     assert d.name == "01_introduction" and (d.parent.parent/"latest").resolve() == d.parent.resolve()
 
 

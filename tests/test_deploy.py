@@ -89,7 +89,7 @@ def test_server_concurrent_requests_are_answered_correctly(server, genai_dir):
     phrases = [r["phrase"] for r in tone_split("test")[:12]]
     m = GenAIModel(genai_dir)
     expected = {p: m.chat([{"role": "user", "content": p}], 8) for p in phrases}
-    res = load_test(server.base_url, phrases, 32, 8, "test-key", 8, expected, pid=server.pid)
+    res = load_test(server, phrases, 32, 8, 8, expected)
     assert res["errors"] == 0 and res["wrong_answers"] == 0 and res["concurrency"] > 1, res
 
 

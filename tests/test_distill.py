@@ -3,10 +3,10 @@ import torch
 
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import load_records, tone_split
-from slmops_nb.distillation import (STUDENT, check_same_vocabulary, kd_loss, load_answer_logits, make_student, save_answer_logits, synthesize,
+from slmops_nb.distillation import (STUDENT, DistillConfig, check_same_vocabulary, kd_loss, load_answer_logits, make_student, save_answer_logits, synthesize,
                                train_gkd, train_student, train_students, validate_answers)
 from slmops_nb.evaluate import generate_answers
-from slmops_nb.train import PadCollator, encode_chats
+from slmops_nb.train import PadCollator, TrainConfig, encode_chats
 from slmops_nb.models import load_tokenizer, save_model
 
 
@@ -83,19 +83,19 @@ def test_train_student_refuses_bad_method_and_budget(tok):
     model, _ = make_student(STUDENT, tok)
     recs = tone_split("train")[:4]
     with pytest.raises(SlmopsError, match=r"Unknown distillation method 'kd'.*gold_only"):
-        train_student("kd", model, tok, recs, steps=1)
-    with pytest.raises(SlmopsError, match="steps must be at least 1"):
-        train_student("seq_kd", model, tok, recs, steps=0)
+        train_student("kd", model, tok, recs, DistillConfig(max_steps=1))
+    with pytest.raises(SlmopsError, match="max_steps must be at least 1"):
+        train_student("seq_kd", model, tok, recs, DistillConfig(max_steps=0))
     with pytest.raises(SlmopsError, match="logit_kd needs the teacher"):
-        train_student("logit_kd", model, tok, recs, steps=1)
+        train_student("logit_kd", model, tok, recs, DistillConfig(max_steps=1))
 
 
 def test_logit_kd_and_gkd_train_a_student(tok):
     "Both teacher-in-the-loop trainers run for real and move the student's weights."
     teacher, _ = make_student(STUDENT, tok, seed=5)
     recs = tone_split("train")[:32]
-    for train in (lambda s: train_student("logit_kd", s, tok, recs, steps=4, teacher=teacher, batch_size=8),
-                  lambda s: train_gkd(s, teacher, tok, recs, steps=4, batch_size=8)):
+    for train in (lambda s: train_student("logit_kd", s, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher),
+                  lambda s: train_gkd(s, teacher, tok, recs, TrainConfig(max_steps=4, batch_size=8))):
         student, _ = make_student(STUDENT, tok, seed=0)
         before = student.lm_head.weight.detach().clone()
         res = train(student)
@@ -109,12 +109,12 @@ def test_logit_kd_on_cached_teacher_logits_trains_the_student_the_teacher_trains
     recs = tone_split("train")[:32]
     path = save_answer_logits(teacher, tok, recs, tmp_path/"logits.pt")
     live, cached = make_student(STUDENT, tok, seed=0)[0], make_student(STUDENT, tok, seed=0)[0]
-    a = train_student("logit_kd", live, tok, recs, steps=4, teacher=teacher, batch_size=8)
-    b = train_student("logit_kd", cached, tok, recs, steps=4, teacher_logits=load_answer_logits(path), batch_size=8)
+    a = train_student("logit_kd", live, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher)
+    b = train_student("logit_kd", cached, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher_logits=load_answer_logits(path))
     assert abs(a["log_history"][-1]["train_loss"] - b["log_history"][-1]["train_loss"]) < 1e-4
     assert torch.allclose(live.lm_head.weight, cached.lm_head.weight, atol=1e-5)
     with pytest.raises(SlmopsError, match="cached for other examples"):
-        train_student("logit_kd", cached, tok, recs[:16], steps=1, teacher_logits=load_answer_logits(path))
+        train_student("logit_kd", cached, tok, recs[:16], DistillConfig(max_steps=1), teacher_logits=load_answer_logits(path))
     assert save_answer_logits(teacher, tok, recs, tmp_path/"big.pt", max_gib=1e-6) is None and not (tmp_path/"big.pt").exists()
 
 
@@ -125,7 +125,8 @@ def test_students_side_by_side_are_the_students_trained_in_order(tmp_path, tok):
     recs, methods, threads = tone_split("train")[:32], ["gold_only", "seq_kd", "logit_kd"], torch.get_num_threads()
     def students(n: int, out: str) -> dict:
         torch.set_num_threads(n)
-        try: return train_students(methods, STUDENT, tmp_path/"teacher", recs[:8], recs, tmp_path/out, steps=3, batch_size=8)
+        try: return train_students(methods, STUDENT, tmp_path/"teacher", {"gold": recs[:8], "synthetic": recs}, tmp_path/out,
+                                   DistillConfig(max_steps=3, batch_size=8))
         finally: torch.set_num_threads(threads)
     apart, together = students(2, "apart"), students(1, "together")
     assert list(apart) == methods and apart["logit_kd"]["trainer"] == "DistillTrainer"

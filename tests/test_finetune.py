@@ -10,7 +10,7 @@ import pytest
 from slmops_nb.core import SlmopsError
 from slmops_nb.data import DataError, Task, tone_split, write_jsonl
 from slmops_nb.train import WeightedLossTrainer, class_weights, overfitting_points, task_examples, weighted_examples
-from slmops_nb.adapt import check_lora, finetune, prepare_model, trainable_parameters
+from slmops_nb.adapt import FinetuneConfig, check_lora, finetune, prepare_model, trainable_parameters
 from slmops_nb.finetuning import check_methods
 from slmops_nb.train import PadCollator, encode_chats, training_defaults
 from slmops_nb.models import load_tokenizer
@@ -41,7 +41,7 @@ def test_bad_lora_settings_are_refused(kw, message):
 def test_rank_0_is_refused_before_training(tmp_path, tok):
     ex = encode_chats(tok, [(r["phrase"], r["tone"]) for r in tone_split("train")[:8]])
     with pytest.raises(SlmopsError, match="LoRA rank must be an integer of at least 1, got 0"):
-        finetune("lora", "workbench:base", tok, ex, ex, tmp_path/"out", r=0)
+        finetune("lora", "workbench:base", tok, ex, ex, tmp_path/"out", FinetuneConfig(lora_r=0))
     assert not (tmp_path/"out"/"model").exists()
 
 
@@ -102,12 +102,12 @@ def test_weighted_loss_equals_plain_loss_without_weights_and_smoothing_changes_i
 
 
 def test_slmops_finetune_without_validation_carves_it_from_the_train_file(intents_csv, tmp_path):
-    r = subprocess.run([BIN/"slmops", "finetune", "--method", "lora", "--train", intents_csv, "--input-column", "utterance",
+    r = subprocess.run([BIN/"slmops", "finetune", "--method", "lora", "--train_file", intents_csv, "--input-column", "utterance",
                         "--label-column", "intent", "--out", tmp_path/"ft", "--max-steps", "2", "--batch-size", "8"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path/"ft"/"ranks"/"rank-0.json").read_text())["train_examples"] == 88  # 22 of the 30 of each label: not the tones
-    r = subprocess.run([BIN/"slmops", "finetune", "--train", intents_csv, "--out", tmp_path/"x"], capture_output=True, text=True)
+    r = subprocess.run([BIN/"slmops", "finetune", "--train_file", intents_csv, "--out", tmp_path/"x"], capture_output=True, text=True)
     assert r.returncode == 2 and "missing column(s) ['phrase', 'tone']" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

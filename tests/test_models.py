@@ -92,7 +92,7 @@ def test_real_teacher_reaches_its_goal():
 def test_workbench_command_writes_json(tmp_path):
     "slmops workbench (from the cache) reports timings and the teacher's accuracy as JSON."
     from slmops_nb.cli import main
-    assert main(["workbench", "--json", str(tmp_path/"json")]) == 0
+    assert main(["workbench", "--json_file", str(tmp_path/"json")]) == 0
     res = json.loads((tmp_path/"json").read_text())
     assert res["fresh"] is False and res["teacher_test_accuracy"] >= 0.90
     assert set(res["artifact_build_seconds"]) == {"tokenizer", "base", "teacher"}

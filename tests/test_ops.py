@@ -34,7 +34,7 @@ def _requests_total(base_url: str) -> dict:
 def test_canary_share_metrics_and_log_through_the_openai_client(tmp_path, folders):
     "A challenger on a 30% canary: sticky users, the share near its weight, /metrics per version, a log line per request, redacted prompts."
     log = tmp_path/"requests.jsonl"
-    args = ["--challenger", folders["int4"], "--canary", "0.3", "--request-log", log, "--log-prompts"]
+    args = ["--challenger", folders["int4"], "--canary_weight", "0.3", "--request-log", log, "--log-prompts"]
     with ServerProcess(folders["fp32"], log=tmp_path/"serve.log", args=args) as server:
         assert wait_for_challenger(server.base_url)["challenger_loaded"]
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -66,7 +66,7 @@ def test_structured_output_validates_and_what_cannot_be_enforced_is_refused(tmp_
     schema = {"type": "object", "properties": {"tone": {"enum": list(TONES)}, "intensity": {"type": "integer", "minimum": 1, "maximum": 5}},
               "required": ["tone", "intensity"], "additionalProperties": False}
     prompts = ["What a lovely surprise!", "I am so angry about the delay", "The parcel came on Tuesday", "I miss you so much"]
-    with ServerProcess(folders["int4"], log=tmp_path/"serve.log", args=["--task", "tones", "--constrain-labels"]) as server:
+    with ServerProcess(folders["int4"], log=tmp_path/"serve.log", args=["--task_file", "tones", "--constrain-labels"]) as server:
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         def choice(prompt, **kw):
             return client.chat.completions.create(model="base_int4", max_tokens=96, messages=[{"role": "user", "content": prompt}],
@@ -88,7 +88,7 @@ def test_structured_output_validates_and_what_cannot_be_enforced_is_refused(tmp_
 def test_a_failing_challenger_is_rolled_back_and_the_champion_serves_throughout(tmp_path, folders):
     "A challenger whose p95 breaches its limit is rolled back by the server; every request is answered."
     log = tmp_path/"requests.jsonl"
-    args = ["--challenger", folders["int4"], "--canary", "0.5", "--max-p95-ms", "0.001", "--request-log", log]
+    args = ["--challenger", folders["int4"], "--canary_weight", "0.5", "--max-p95-ms", "0.001", "--request-log", log]
     with ServerProcess(folders["fp32"], log=tmp_path/"serve.log", args=args) as server:
         wait_for_challenger(server.base_url)
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -107,7 +107,7 @@ def test_a_broken_challenger_is_refused_at_load(tmp_path, folders):
     (tmp_path/"broken").mkdir(); (tmp_path/"broken"/"genai_config.json").write_text("{}")
     r = slmops("serve", folders["fp32"], "--challenger", tmp_path/"broken", "--port", "1")
     assert r.returncode == 2 and "is not an ONNX Runtime GenAI model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = slmops("serve", tmp_path/"no-such-model", "--challenger", folders["int4"], "--canary", "1.5", "--port", "1")
+    r = slmops("serve", tmp_path/"no-such-model", "--challenger", folders["int4"], "--canary_weight", "1.5", "--port", "1")
     assert r.returncode == 2 and "share of users from 0 to 1, got 1.5" in r.stderr, r.stderr  # before anything loads
 
 

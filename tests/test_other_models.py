@@ -12,7 +12,7 @@ from slmops_nb.data import TONES, Task, stop_token_ids, tone_split
 from slmops_nb.deployment import build_direct, exportable_adapter, olive_build
 from slmops_nb.runtimes import FoundryLocal, GenAIModel, TorchModel, foundry_model_folder
 from slmops_nb.train import FlatCollator, PadCollator, task_examples
-from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
+from slmops_nb.adapt import FinetuneConfig, finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.serve import ServerProcess
 from slmops_nb.models import TINY_FAMILIES, load_model, load_tokenizer, save_model, tiny_model
 from slmops_nb.evaluate import logit_gap, next_token_logits
@@ -23,7 +23,7 @@ def teach_the_chat(model_dir, out: Path) -> tuple[dict, list[dict]]:
     "A tiny random model, fully fine-tuned on 96 tone chats until it answers a label and ends its turn, saved in `out`; the run and its examples."
     tok = load_tokenizer(model_dir)
     ex = task_examples(tok, Task(), tone_split("train")[:96])
-    res = finetune("full", model_dir, tok, ex, ex[:16], out.with_name(out.name + "-ft"), epochs=12, lr=3e-3, batch_size=16)
+    res = finetune("full", model_dir, tok, ex, ex[:16], out.with_name(out.name + "-ft"), FinetuneConfig(epochs=12, lr=3e-3, batch_size=16))
     save_model(res["model"], tok, out)
     return res, ex
 
@@ -52,7 +52,7 @@ def test_a_tied_model_is_adapted_and_merged_without_touching_its_embeddings(tmp_
     tok = load_tokenizer(base)
     assert "lm_head" not in lora_targets(base) and "lm_head" in lora_targets(tiny_model(tmp_path/"untied", "qwen2"))
     ex = task_examples(tok, Task(), tone_split("train")[:32])
-    finetune("lora", base, tok, ex, ex[:8], tmp_path/"lora", max_steps=4, lr=5e-2, batch_size=8, dropout=0.0)
+    finetune("lora", base, tok, ex, ex[:8], tmp_path/"lora", FinetuneConfig(max_steps=4, lr=5e-2, batch_size=8, lora_dropout=0.0))
     prompts = [r["phrase"] for r in tone_split("test")[:4]]
     adapted = next_token_logits(load_adapters(base, {"lora": tmp_path/"lora"/"model"}), tok, prompts)
     merged = merge_adapter(base, tmp_path/"lora"/"model", tok, tmp_path/"merged")
@@ -127,8 +127,8 @@ def test_another_family_end_to_end(family, tmp_path):
     assert fused_or_not in lora_targets(base)  # Phi-3's fused qkv_proj, Gemma's q_proj: read from the model, not a list
     taught, ex = teach_the_chat(base, tmp_path/"base")  # a base that knows the chat, as a hub model arrives
     base = tmp_path/"base"
-    lora = finetune("lora", base, tok, ex, ex[:16], tmp_path/"lora", epochs=2, lr=1e-3, batch_size=16, dropout=0.0)
-    qlora = finetune("qlora", base, tok, ex, ex[:16], tmp_path/"qlora", epochs=1, batch_size=16)
+    lora = finetune("lora", base, tok, ex, ex[:16], tmp_path/"lora", FinetuneConfig(epochs=2, lr=1e-3, batch_size=16, lora_dropout=0.0))
+    qlora = finetune("qlora", base, tok, ex, ex[:16], tmp_path/"qlora", FinetuneConfig(epochs=1, batch_size=16))
     assert taught["best_eval_loss"] < 1.0 and lora["steps"] == 12 and qlora["steps"] == 6, (taught["best_eval_loss"], lora, qlora)
     assert load_adapters(base, {"qlora": tmp_path/"qlora"/"model"}).active_adapter == "qlora"
 

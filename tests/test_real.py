@@ -5,7 +5,7 @@ import shutil
 import pytest
 from openai import OpenAI
 
-from slmops_nb.adapt import finetune, load_adapters, lora_targets, merge_adapter
+from slmops_nb.adapt import FinetuneConfig, finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.data import Task, tone_split
 from slmops_nb.evaluate import logit_gap, next_token_logits
 from slmops_nb.deployment import TOKENIZER_FILES, build_direct
@@ -36,7 +36,7 @@ def test_the_real_model_adapted_merged_exported_and_served(real, tmp_path):
     tok = load_tokenizer(real)
     assert "lm_head" not in lora_targets(real)  # tied to the input embedding: left alone
     ex = task_examples(tok, Task(), tone_split("train")[:32])
-    res = finetune("lora", real, tok, ex, ex[:8], tmp_path/"lora", max_steps=4, lr=2e-4, batch_size=8, dropout=0.0)
+    res = finetune("lora", real, tok, ex, ex[:8], tmp_path/"lora", FinetuneConfig(max_steps=4, lr=2e-4, batch_size=8, lora_dropout=0.0))
     assert res["steps"] == 4
     prompts = [ASK[0]["content"]] + [r["phrase"] for r in tone_split("test")[:3]]
     adapted = next_token_logits(load_adapters(real, {"lora": tmp_path/"lora"/"model"}), tok, prompts)
