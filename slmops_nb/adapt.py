@@ -117,8 +117,9 @@ def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict],
         model = prepare_model(method, base, config)
         when = (dict(eval_strategy="steps", save_strategy="steps", eval_steps=quarter, save_steps=quarter)
                 if config.max_steps else dict(eval_strategy="epoch", save_strategy="epoch"))
-        res = train_causal_lm(model, tokenizer, train, valid, config, _with_callbacks(trainer, OverfittingWarning(method)),
-                              method, output_dir=out/"checkpoints", report_to=["tensorboard"], **when)
+        res = train_causal_lm(model, tokenizer, train, valid, config,
+                              _with_callbacks(trainer, OverfittingWarning(method)), method,
+                              output_dir=out / "checkpoints", report_to=["tensorboard"], **when)
     model = res["trainer"].model
     if res["trainer"].is_world_process_zero():  # under torchrun, one process writes the result
         with atomic_dir(out/"model") as tmp:

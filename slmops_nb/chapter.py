@@ -49,7 +49,8 @@ class Chapter:
 
 # %% ../nbs/00ka_chapter.ipynb #c012
 def open_chapter(namespace: dict, sizes: dict | None = None) -> Chapter:
-    "The context of the chapter whose parameters are `namespace`; its parameters in `sizes` left at 0 take the profile's."
+    """The context of the chapter whose parameters are `namespace`; its parameters in `sizes` left at 0 take the
+    profile's."""
     profile = check_profile(namespace.get("profile", "default"))
     task, given = chapter_task(namespace)
     out = chapter_folder(namespace)

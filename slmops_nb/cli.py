@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib
 import json
@@ -76,7 +77,7 @@ SHORT_FLAGS = {"param": "-p"}  # the options that also have one letter
 
 def add_option(p: argparse.ArgumentParser, name: str, anno, default, help: str | None):
     "Add parameter `name` to `p` as `call_parse` would, and its hyphenated spelling beside the underscored one."
-    param = anno if isinstance(anno, Param) else Param(help or "", _plain_type(anno))
+    param = copy.copy(anno) if isinstance(anno, Param) else Param(help or "", _plain_type(anno))  # set_default changes it
     param.set_default(default)
     flag = f"no_{name}" if param.negated else name
     kw = {**param.kwargs, **({"dest": name} if param.negated else {})}
@@ -85,27 +86,34 @@ def add_option(p: argparse.ArgumentParser, name: str, anno, default, help: str |
     p.add_argument(*dict.fromkeys(flags), **kw)
 
 # %% ../nbs/00m_cli.ipynb #c005f
-RENAMED = {"finetune": {"--task": "--task_file", "--train": "--train_file", "--validation": "--validation_file",
-                        "--r": "--lora_r", "--alpha": "--lora_alpha", "--dropout": "--lora_dropout"},
-           "export": {"--asymmetric": "--no-symmetric"}, "serve": {"--canary": "--canary_weight", "--task": "--task_file"},
-           "bench": {"--task": "--task_file"}, "monitor": {"--task": "--task_file"},
-           "workbench": {"--json": "--json_file"}}
+RENAMED = {
+    "finetune": {
+        "--task": "--task_file", "--train": "--train_file", "--validation": "--validation_file", "--r": "--lora_r",
+        "--alpha": "--lora_alpha", "--dropout": "--lora_dropout"
+    }, "export": {"--asymmetric": "--no-symmetric"}, "serve": {"--canary": "--canary_weight", "--task": "--task_file"},
+    "bench": {"--task": "--task_file"}, "monitor": {"--task": "--task_file"}, "workbench": {"--json": "--json_file"}
+}
 
 class Renamed(argparse.Action):
     "An option's earlier name: an error that names the new one."
     def __init__(self, option_strings, dest, new: str = "", **kw):
         super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         self.new = new
-    def __call__(self, parser, namespace, values, option_string=None): parser.error(f"{option_string} is now {self.new}.")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}.")
 
 # %% ../nbs/00m_cli.ipynb #c008
 @subcommand()
-def cmd_run(chapters: Param("chapters to run (01_introduction or 01); default: all, in order", str, opt=False, nargs="*") = None,
-            profile: Param("default: the real workbook; smoke: shrunk for CI", str, choices=PROFILES) = "default",
-            out: str = None,  # run folder (default: a new runs/<run-id>/)
-            param: Param("set a chapter parameter, NAME=VALUE (repeatable)", str, action="append") = None,
-            nbs: str = None,  # folder holding the chapter notebooks (default: the workbook's nbs/)
-            progress: bool = True) -> int:  # a per-cell progress bar
+def cmd_run(
+    chapters: Param("chapters to run (01_introduction or 01); default: all, in order", str, opt=False,
+                    nargs="*") = None,
+    profile: Param("default: the real workbook; smoke: shrunk for CI", str, choices=PROFILES) = "default",
+    out: str = None,  # run folder (default: a new runs/<run-id>/)
+    param: Param("set a chapter parameter, NAME=VALUE (repeatable)", str, action="append") = None,
+    nbs: str = None,  # folder holding the chapter notebooks (default: the workbook's nbs/)
+    progress: bool = True
+) -> int:  # a per-cell progress bar
     "execute chapters with papermill into a run folder"
     from slmops_nb.runner import Stopped, parse_param, run_workbook, stop_on_signals, summary_table
     params = dict(parse_param(p) for p in param or [])
@@ -235,23 +243,23 @@ def cmd_promote(name: str,  # the registered model, e.g. tones-ort-int4
                 max_error_rate: float = 0.01) -> int:  # the canary's error rate limit
     "make the challenger the champion when the promotion gate passes (checklist and live canary figures)"
     from slmops_nb.core import read_json
-    from slmops_nb.monitor import live_figures, promotion_gate
-    from slmops_nb.registry import promote
-    from slmops_nb.serve import read_request_log
+    from slmops_nb.monitor import gate_and_promote
     offline = read_json(checklist).get("checklist") if checklist else None
-    if checklist and offline is None: raise SlmopsError(f"{checklist} has no checklist: give chapter 04's metrics.json.")
-    gate = promotion_gate(live_figures(read_request_log(log)), offline, min_requests, max_error_rate)
+    if checklist and offline is None:
+        raise SlmopsError(f"{checklist} has no checklist: give chapter 04's metrics.json.")
+    gate = gate_and_promote(registry, name, log, offline, min_requests=min_requests, max_error_rate=max_error_rate)
     for check, ok in gate["checks"].items(): print(f"{'pass' if ok else 'FAIL'}  {check}")
-    if not gate["passed"]:
+    if not gate["promoted"]:
         print(f"slmops promote: the gate did not pass; {name}'s champion is unchanged.")
         return 1
-    print(f"slmops promote: {name} version {promote(registry, name)} is the champion.")
+    print(f"slmops promote: {name} version {gate['promoted']} is the champion.")
     return 0
 
 # %% ../nbs/00m_cli.ipynb #c017
 def parser(command: str | None = None) -> argparse.ArgumentParser:
     "The `slmops` argument parser: a subparser per subcommand, the options of `command` (all when None)."
-    ap = argparse.ArgumentParser(prog="slmops", description="SLMOps Workbook: run the chapters, and the library's tools.")
+    ap = argparse.ArgumentParser(prog="slmops",
+                                 description="SLMOps Workbook: run the chapters, and the library's tools.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (fn, settings) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__, allow_abbrev=False)

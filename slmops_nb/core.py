@@ -63,6 +63,16 @@ class Settings:
         "The settings `params` (a notebook's namespace, parsed arguments) give; other names are left out."
         return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
 
+    def args(self) -> list[str]:
+        "The command-line options that set these settings: each field not at its default."
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.init or value == (f.default_factory() if f.default is dataclasses.MISSING else f.default): continue
+            if isinstance(value, bool): out.append(f"--{f.name}" if value else f"--no_{f.name}")
+            else: out += [f"--{f.name}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        return out
+
 # %% ../nbs/00_core.ipynb #c013
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

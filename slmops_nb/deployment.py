@@ -21,9 +21,10 @@ import numpy as np
 from .adapt import FinetuneConfig, finetune, merge_adapter
 from .artifacts import artifact_record, find_artifact, record_artifact, run_folder
 from .child import child_command
-from .core import Settings, SlmopsError, atomic_dir, cache_root, read_json, write_json
+from .core import Settings, SlmopsError, atomic_dir, by_profile, cache_root, read_json, write_json
 from .data import Task
 from .evaluate import POINTS
+from .finetuning import FINETUNED, FINETUNE_SIZES
 from .models import load_tokenizer, resolve_model, task_model
 from .runtimes import GENAI_FILES, check_genai_folder, check_llama_cpp, genai_copy
 from .tools import ToolError, olive_run_config, olive_run_configs, olive_workflow, run_olive, run_tool, text_data_config
@@ -46,21 +47,15 @@ EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"d
                 "teacher_inputs": {"default": 64, "smoke": 16},  # inputs the served model labels as a teacher
                 # int4 RTN variants: each symmetric and not
                 "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,)},
-                "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m")},
-                # when chapter 03 did not run: its training, shrunk as chapter 03 shrinks it
-                "finetune_epochs": {"default": 5, "smoke": 1}, "qa_epochs": {"default": 2, "smoke": 1},
-                "train_limit": {"default": 10**9, "smoke": 256}}
+                "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m")}}
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
-def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, epochs: float = 5,
-                     qa_epochs: float = 2, train_limit: int | None = None) -> dict:
-    """The run's merged model, task and qa adapters, their task and base, from the manifest; trained into
-    `chapter_out/finetuned` if missing."""
-    names = ("merged_model", "task_adapter", "qa_adapter")
-    found = {n: find_artifact(chapter_out, n) for n in names}
+def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, profile: str = "default") -> dict:
+    """The run's merged model, task and qa adapters, their task and base, from the manifest; when missing, trained
+    into `chapter_out/finetuned` as chapter 03 lays them out, with its sizes for `profile`."""
+    found = {n: find_artifact(chapter_out, n) for n in FINETUNED}
     if all(found.values()):
-        task_file = find_artifact(chapter_out, "task")
-        made = Task.from_dict(read_json(task_file)) if task_file else Task()
+        made = Task.from_dict(read_json(found["task"]))
         if task is not None and task != made:
             made_by = artifact_record(chapter_out, "merged_model")["chapter"]
             raise SlmopsError(
@@ -68,23 +63,25 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
                 f"to use {task}: pass the same data parameters to both chapters, or set model_dir to the model you mean."
             )
         return {**found, "task": made, "base": artifact_record(chapter_out, "task_adapter").get("base_model", base)}
-    task, out = task or Task(), Path(chapter_out)/"finetuned"
+    task, out, size = task or Task(), Path(chapter_out) / "finetuned", lambda k: by_profile(
+        profile, 0, **FINETUNE_SIZES[k])
     base = task_model(base, task)  # workbench:base for your task: the base after it read your task's inputs
-    tok = load_tokenizer(base)
-    data = task.splits()
-    ex = {s: task_examples(tok, task, data[s][:train_limit]) for s in ("train", "validation")}
-    finetune("lora", base, tok, ex["train"], ex["validation"], out/"task", FinetuneConfig(epochs=epochs, lora_dropout=0.0))
-    merge_adapter(base, out/"task"/"model", tok, out/"merged")
-    shop_qa = Task.named("shop_qa")
-    qa = {s: task_examples(tok, shop_qa, shop_qa.splits()[s][:train_limit], 128) for s in ("train", "validation")}
-    finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa", FinetuneConfig(epochs=qa_epochs, lr=1e-3, lora_dropout=0.0))
-    write_json(out/"task.json", task.describe())
-    made = {
-        "merged_model": out / "merged", "task_adapter": out / "task" / "model", "qa_adapter": out / "qa" / "model",
-        "task": out / "task.json"
+    tok, data, shop_qa = load_tokenizer(base), task.splits(), Task.named("shop_qa")
+    ex = {s: task_examples(tok, task, data[s][:size("train_limit")]) for s in ("train", "validation")}
+    qa = {
+        s: task_examples(tok, shop_qa,
+                         shop_qa.splits()[s][:size("train_limit")], 128)
+        for s in ("train", "validation")
     }
-    for name, path in made.items(): record_artifact(chapter_out, name, path, base_model=str(base), method="lora")
-    return {**{n: made[n] for n in names}, "task": task, "base": str(base)}
+    finetune("lora", base, tok, ex["train"], ex["validation"], out / "lora",
+             FinetuneConfig(epochs=size("epochs"), lora_dropout=0.0))
+    merge_adapter(base, out/FINETUNED["task_adapter"], tok, out/FINETUNED["merged_model"])
+    finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa",
+             FinetuneConfig(epochs=size("qa_epochs"), lr=1e-3, lora_dropout=0.0))
+    task.save(out/FINETUNED["task"])
+    for name, path in FINETUNED.items():
+        record_artifact(chapter_out, name, out / path, base_model=str(base), method="lora")
+    return {**{n: out/path for n, path in FINETUNED.items()}, "task": task, "base": str(base)}
 
 # %% ../nbs/04_deployment.ipynb #a6eb2ce5
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -251,7 +248,8 @@ class ExportConfig(Settings):
     tool: str = "olive"  # olive (Olive's ModelBuilder pass) or builder (the builder alone)
 
     def __post_init__(self):
-        if self.tool not in ("olive", "builder"): raise SlmopsError(f"tool must be olive or builder, got {self.tool!r}.")
+        if self.tool not in ("olive", "builder"):
+            raise SlmopsError(f"tool must be olive or builder, got {self.tool!r}.")
         if self.precision not in ("fp32", "int8", "int4"):
             raise SlmopsError(f"precision must be fp32, int8 or int4, got {self.precision!r}.")
         check_int4(self.block_size, self.symmetric)

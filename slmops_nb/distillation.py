@@ -259,7 +259,8 @@ def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
 
 @dataclass
 class DistillConfig(TrainConfig):
-    "A student's training, named as chapter 02's parameters: `TrainConfig`'s schedule (`max_steps`, the budget), logit KD's loss."
+    """A student's training, named as chapter 02's parameters: `TrainConfig`'s schedule (`max_steps`, the budget),
+    logit KD's loss."""
     lr: float = 3e-3
     batch_size: int = 32
     temperature: float = 2.0  # logit KD's softmax temperature T
@@ -271,7 +272,8 @@ def train_student(method: str, student, tokenizer, records: list[dict], config: 
     """Train `student` on the task's records by `method` (one of KD_METHODS) as `config` says, for its `max_steps`;
     logit KD against the `teacher`, or its `teacher_logits` (`load_answer_logits`) of these records."""
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
-    if config.max_steps < 1: raise SlmopsError(f"max_steps must be at least 1 (the students' budget), got {config.max_steps}.")
+    if config.max_steps < 1:
+        raise SlmopsError(f"max_steps must be at least 1 (the students' budget), got {config.max_steps}.")
     examples, trainer = task_examples(tokenizer, task or Task(), records, config.max_length), Trainer
     if method == "logit_kd":
         if teacher is None and teacher_logits is None:
@@ -304,8 +306,8 @@ def train_students(methods, student: str, teacher, data: dict, out, config: Dist
     from slmops_nb import distillation  # by module: the processes import what they run
     order = sorted(methods, key=lambda m: m != "logit_kd")
     trained = side_by_side([(distillation.train_student_into,
-                             (Path(out)/m, m, student, teacher, data["gold" if m == "gold_only" else "synthetic"], config,
-                              teacher_logits_file, task), {}) for m in order])
+                             (Path(out) / m, m, student, teacher, data["gold" if m == "gold_only" else "synthetic"],
+                              config, teacher_logits_file, task), {}) for m in order])
     done = dict(zip(order, trained))
     return {
         m: {
@@ -334,7 +336,8 @@ def distill_summary(results: dict, methods, metric: str = "accuracy") -> dict:
     }
 
 # %% ../nbs/02_distillation.ipynb #577c8f71
-GKD_DEFAULTS = dict(temperature=0.9, lmbda=0.5, beta=0.5, max_new_tokens=4, max_length=96)  # GKDConfig's, for a short answer
+# GKDConfig's, for a short answer
+GKD_DEFAULTS = dict(temperature=0.9, lmbda=0.5, beta=0.5, max_new_tokens=4, max_length=96)
 
 def train_gkd(student, teacher, tokenizer, records: list[dict], config: TrainConfig, task: Task | None = None,
               output_dir=None, **gkd) -> dict:

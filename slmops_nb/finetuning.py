@@ -20,7 +20,7 @@ from .tools import finetune_workflow, olive_run_config
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'SEARCH_SPACE', 'check_methods', 'olive_method',
+__all__ = ['OLIVE_CONTROLS', 'FINETUNE_METHODS', 'FINETUNE_SIZES', 'FINETUNED', 'SEARCH_SPACE', 'check_methods', 'olive_method',
            'load_olive_method', 'olive_task_data', 'olive_parity', 'train_method', 'compare_methods', 'suggest',
            'random_search', 'search_lora', 'finetune_task']
 
@@ -42,6 +42,10 @@ FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what
                   "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64},
                   "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
                   "qa_epochs": {"default": 2, "smoke": 1}}
+
+# %% ../nbs/03_finetuning.ipynb #f3a005b
+# what chapter 03 hands on: artifact name → its path in the chapter's folder
+FINETUNED = {"merged_model": "merged", "task_adapter": "lora/model", "qa_adapter": "qa/model", "task": "task.json"}
 
 # %% ../nbs/03_finetuning.ipynb #f3a011
 def olive_method(method: str, base, data: tuple, out, config: FinetuneConfig, threads: int | None = None) -> Path:
@@ -94,7 +98,10 @@ def train_method(method: str, base, task: Task, data: dict, examples: dict, out,
         return {"folder": olive_method(method, base, olive_data, Path(out)/method, config, torch.get_num_threads())}
     tokenizer, kind = load_tokenizer(base), OLIVE_CONTROLS.get(method, method)
     if method in OLIVE_CONTROLS:  # Olive's recipe: the loss on every token; its QLoRA adapts the quantized layers only
-        examples = {s: task_examples(tokenizer, task, data[s], 0, completion_only=False) for s in ("train", "validation")}
+        examples = {
+            s: task_examples(tokenizer, task, data[s], 0, completion_only=False)
+            for s in ("train", "validation")
+        }
         config = replace(config, target_modules=[t for t in config.target_modules if kind == "lora" or t != "lm_head"])
     res = finetune(kind, base, tokenizer, examples["train"], examples["validation"], Path(out)/method,
                    config.method_lr(kind))

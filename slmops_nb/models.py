@@ -15,8 +15,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from slmops_nb.core import (SlmopsError, artifact_info, cached_artifact, content_hash, file_hash, is_cached, seed_everything,
-    write_json)
+from .core import (SlmopsError, artifact_info, cached_artifact, content_hash, file_hash, is_cached,
+                            seed_everything, write_json)
 from .measure import Timer
 from .parallel import side_by_side
 from .data import DATA_DIR, TASK_FIELDS, WORKBENCH_FILES, Task, chat_messages, instruction_split, stop_token_ids, tone_split, workbench_records

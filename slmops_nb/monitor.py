@@ -14,14 +14,15 @@ import numpy as np
 
 from .core import SlmopsError, atomic_write_text, write_json
 from .data import Task
-from .evaluate import normalize_label
+from .evaluate import HEADLINE, normalize_label
 from .measure import percentile
 from .serve import ROLES_SERVED, read_request_log
 
 # %% auto #0
 __all__ = ['LIMITS', 'PLOTTED', 'words', 'baseline', 'psi', 'length_bins', 'binned', 'vocabulary_drift', 'label_drift',
            'calibrate', 'confidence_floor', 'served', 'judge_window', 'windows', 'monitor_log', 'write_report',
-           'live_figures', 'promotion_gate']
+           'quality_checks', 'latency_linearity', 'serving_checks', 'replacement_checks', 'live_figures',
+           'promotion_gate', 'gate_and_promote']
 
 # %% ../nbs/00o_monitor.ipynb #o005
 def words(text: str) -> list[str]:
@@ -189,6 +190,40 @@ def write_report(report: dict, out) -> Path:
         " | alarms |\n" + "|---" * (len(PLOTTED) + 3) + "|\n" + "\n".join(rows) + "\n\n![](monitor.png)\n")
     return out
 
+# %% ../nbs/00o_monitor.ipynb #o021b
+def quality_checks(task: Task, raw: list[str], gold: list[str], scores: tuple[float, float] | None = None) -> dict:
+    """The checklist's quality items for the deployed model's `raw` answers to records of `gold` answers; a generator's
+    `scores`: (the deployed model's, fp32's), in points."""
+    if task.kind == "classification":
+        right = {t: [normalize_label(a, task.classes) == g for a, g in zip(raw, gold) if g == t] for t in set(gold)}
+        return {
+            "domain queries: accuracy of every label at least 0.8": min(sum(r) / len(r) for r in right.values()) >= 0.8,
+            "output format: every raw answer is exactly a label": all(a in task.classes for a in raw)
+        }
+    metric = HEADLINE[task.kind]
+    return {f"domain queries: {metric} within 1 point of fp32": bool(scores[0] >= scores[1] - 1),
+            "output format: no empty answer": all(a.strip() for a in raw)}
+
+# %% ../nbs/00o_monitor.ipynb #o021d
+def latency_linearity(by_length: dict) -> float:
+    "R2 of a line through the median latency at each prompt length ({tokens: latency_stats})."
+    return float(np.corrcoef(list(by_length), [s["p50_ms"] for s in by_length.values()])[0, 1] ** 2)
+
+def serving_checks(soak: dict, by_length: dict, statuses: list[int], requests: int) -> dict:
+    """The checklist's serving items: memory growth over the `soak` of `requests`, latency across input lengths, the
+    HTTP `statuses` of bad requests."""
+    steady = all(s["p95_ms"] <= 1.5 * s["p50_ms"] for s in by_length.values())
+    return {f"memory: under 5 MB growth over {requests} requests": bool(soak["growth_mb"] < 5),
+            "latency: grows linearly with the prompt (R2 at least 0.95), p95 within 1.5x p50 at every length":
+            bool(latency_linearity(by_length) >= 0.95 and steady),
+            "edge cases: every bad request answered 4xx": all(400 <= s < 500 for s in statuses)}
+
+# %% ../nbs/00o_monitor.ipynb #o021g
+def replacement_checks(recovery_points: float, original_drop_points: float) -> dict:
+    "A challenger's offline items: at least 10 points recovered on the shifted traffic, at most 1 lost on the original."
+    return {"recovers at least 10 points on the shifted traffic": bool(recovery_points >= 10),
+            "loses at most 1 point on the original traffic": bool(original_drop_points <= 1)}
+
 # %% ../nbs/00o_monitor.ipynb #o022
 def live_figures(records: list[dict]) -> dict:
     """Per role (champion, challenger): requests, errors (invalid answers too), p95 latency, share; agreement of the
@@ -221,3 +256,12 @@ def promotion_gate(live: dict, checklist: dict | None = None, min_requests: int 
         checks[f"agreement with the champion at least {min_agreement:.0%}"] = (live["agreement"] or 0) >= min_agreement
     checks["no rollback"] = not live["rollbacks"]
     return {"passed": all(checks.values()), "checks": checks}
+
+# %% ../nbs/00o_monitor.ipynb #o023b
+def gate_and_promote(run, name: str, log, checklist: dict | None = None, **limits) -> dict:
+    """`promotion_gate` on the canary's request `log` and `checklist` (`limits`: its limits); when it passes, `name`'s
+    challenger becomes the champion. The gate, the live figures and the new champion's version (None if not)."""
+    from slmops_nb.registry import promote
+    live = live_figures(read_request_log(log))
+    gate = promotion_gate(live, checklist, **limits)
+    return {**gate, "live": live, "promoted": promote(run, name) if gate["passed"] else None}

@@ -16,11 +16,12 @@ from .data import Task
 from .datagen import drifted_tones
 from .evaluate import HEADLINE, answer_budget, generate_answers, task_answer, task_scores
 from .models import load_tokenizer
+from .serve import RolloutConfig
 from .train import task_examples
 
 # %% auto #0
 __all__ = ['OPS_SIZES', 'registered_champion', 'shifted_records', 'week_of_traffic', 'replay', 'score', 'logged_prompts',
-           'as_prompts', 'teacher_labels', 'challenger_data', 'train_challenger', 'wait_for_challenger',
+           'as_prompts', 'teacher_labels', 'challenger_data', 'train_challenger', 'wait_for_challenger', 'run_canary',
            'cost_per_million']
 
 # %% ../nbs/05_operations.ipynb #o5011
@@ -142,6 +143,23 @@ def wait_for_challenger(base_url: str, timeout: float = 120) -> dict:
         if state["challenger_loaded"] or state["load_error"]: return state
         time.sleep(0.2)
     raise SlmopsError(f"The challenger did not load within {timeout:.0f} s (GET {base_url}/rollout).")
+
+# %% ../nbs/05_operations.ipynb #o5071a
+def run_canary(champion: str, challenger: str, requests: list[dict], log, task: Task, rollout: RolloutConfig,
+               server_args: list | None = None, replay_args: tuple = (8, 4)) -> tuple[dict, list]:
+    """Serve `champion` with `challenger` beside it as `rollout` says (`server_args`: more of `slmops serve`'s options)
+    and replay `requests` of `task` (`replay_args`: max tokens, concurrency) into the request `log`: the rollout's
+    state, with how the challenger loaded, and the answers."""
+    import httpx
+    from slmops_nb.serve import ServerProcess
+    log = Path(log)
+    args = [*(server_args or []), "--request_log", log, "--challenger", challenger, *rollout.args()]
+    if log.exists(): log.unlink()
+    with ServerProcess(champion, log=log.with_suffix(".serve.log"), args=args) as server:
+        loaded = wait_for_challenger(server.base_url)
+        answers = replay(server.base_url, requests, task, *replay_args)
+        state = httpx.get(server.base_url + "/rollout").json()
+    return {**state, "load": loaded}, answers
 
 # %% ../nbs/05_operations.ipynb #o5101
 def cost_per_million(tokens_per_second: float, hourly_price: float) -> float:

@@ -17,7 +17,7 @@ from .artifacts import read_manifest, record_artifact, run_folder
 # %% auto #0
 __all__ = ['STORE', 'ARTIFACT_ROOT', 'ALIASES', 'tracking_uri', 'mlflow_client', 'run_experiment', 'metric_items', 'param_items',
            'log_chapter', 'data_hash', 'model_name', 'register_model', 'aliased', 'set_alias', 'promote',
-           'model_version', 'model_folder', 'lineage_tags', 'register_chapter', 'track_chapter']
+           'model_version', 'model_folder', 'lineage_tags', 'register_chapter', 'track_chapter', 'register_version']
 
 # %% ../nbs/00n_registry.ipynb #r005
 STORE, ARTIFACT_ROOT = "mlflow.db", "mlartifacts"
@@ -204,3 +204,10 @@ def track_chapter(chapter_out, params: dict) -> dict:
     "Log the chapter to MLflow and register the models it made: what `slmops run` does after each chapter."
     mlflow_run = log_chapter(chapter_out, params)
     return {"mlflow_run": mlflow_run, "registered": register_chapter(chapter_out, mlflow_run)}
+
+# %% ../nbs/00n_registry.ipynb #r027b
+def register_version(run, name: str, folder, artifact: str, parent: str, task: dict, chapter: str, **rec) -> str:
+    "Register `folder` as a new version of `name` with its lineage (`rec`: base_model, method, ...); 'name/version'."
+    tags = lineage_tags(rec, artifact, task, parent, chapter, run)
+    if rec.get("data_hash"): tags["slmops.data_hash"] = rec["data_hash"]
+    return f"{name}/{register_model(name, folder, tags, run).version}"

@@ -191,8 +191,8 @@ class GenAIModel(ChatModel):
 
 # %% ../nbs/00g_runtimes.ipynb #c014s1
 @patch
-def stream(self: GenAIModel, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False, adapter: str | None = None,
-           probs: list | None = None, guidance: tuple[str, str] | None = None):
+def stream(self: GenAIModel, ids: list[int], max_new_tokens: int = 32, ignore_eos: bool = False,
+           adapter: str | None = None, probs: list | None = None, guidance: tuple[str, str] | None = None):
     """Yield the answer's text piece by piece (greedy), with the LoRA `adapter` active when given; each token's
     probability into `probs`; only what `guidance` (kind, spec) allows."""
     if adapter is not None and adapter not in self.adapter_names:

@@ -7,7 +7,7 @@ __all__ = ['ROLES', 'SECONDS', 'SHARES', 'ROLES_SERVED', 'ROUTES', 'RequestError
            'response_guidance', 'answer_schema', 'json_budget', 'task_guidance', 'follows', 'parse_chat_request',
            'ServerMetrics', 'redact_pii', 'RequestLog', 'read_request_log', 'user_share', 'check_rollout',
            'RolloutConfig', 'Rollout', 'Server', 'create_app', 'ServeConfig', 'run_server', 'free_port',
-           'ServerProcess', 'load_test']
+           'slmops_command', 'ServerProcess', 'load_test']
 
 # %% ../nbs/00i_serve.ipynb #c002
 import hashlib
@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,6 @@ from fastcore.meta import delegates
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from .child import child_command
 from .core import Settings, SlmopsError
 from .data import Task
 from .measure import percentile
@@ -446,7 +446,8 @@ def beside(self: Server, ex: dict, req):
     reason = rollout.compare(text == ex["answer"]) if ex["role"] == "challenger" and error is None else None
     if reason:
         self.metrics.canary.set(0)
-        if log is not None: log.write({"time": time.time(), "event": "rollback", "version": ex["version"], "reason": reason})
+        if log is not None:
+            log.write({"time": time.time(), "event": "rollback", "version": ex["version"], "reason": reason})
 
 # %% ../nbs/00i_serve.ipynb #c012d
 @patch
@@ -516,8 +517,9 @@ async def chat(self: Server, request: Request):
     served, created = self.rollout.models[role], int(time.time())
     if req["stream"]:
         done = lambda status, pieces, error: self.account(ex, status, pieces, error)
-        return StreamingResponse(_sse(self.timed(ex, served, req), req["max_tokens"], cid, created, self.model_id, done),
-                                 media_type="text/event-stream", background=BackgroundTask(self.beside, ex, req))
+        return StreamingResponse(
+            _sse(self.timed(ex, served, req), req["max_tokens"], cid, created, self.model_id, done),
+            media_type="text/event-stream", background=BackgroundTask(self.beside, ex, req))
     try: pieces = await run_in_threadpool(lambda: list(self.timed(ex, served, req)))
     except Exception as e:
         self.account(ex, 500, [], f"{type(e).__name__}: {e}"); raise
@@ -535,8 +537,9 @@ async def _failed(request, e: Exception):  # a bug or a model failure: an OpenAI
     error = {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}
     return JSONResponse({"error": error}, status_code=500)
 
-ROUTES = (("get", "/v1/models", "list_models"), ("get", "/metrics", "prometheus"), ("get", "/v1/rollout", "rollout_state"),
-          ("post", "/v1/rollout", "set_weight"), ("post", "/v1/chat/completions", "chat"))
+ROUTES = (("get", "/v1/models", "list_models"), ("get", "/metrics", "prometheus"),
+          ("get", "/v1/rollout", "rollout_state"), ("post", "/v1/rollout",
+                                                    "set_weight"), ("post", "/v1/chat/completions", "chat"))
 
 @delegates(Server)
 def create_app(model, **kwargs) -> FastAPI:
@@ -628,6 +631,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 # %% ../nbs/00i_serve.ipynb #c020
+def slmops_command() -> str:
+    "The `slmops` command of this Python's environment (beside its interpreter), else the one on the PATH."
+    path = Path(sys.executable).parent/"slmops"
+    found = str(path) if path.exists() else shutil.which("slmops")
+    if found is None: raise SlmopsError("No slmops command in this environment: install the workbook (pip install -e .).")
+    return found
+
 class ServerProcess:
     """`slmops serve MODEL_DIR [ARGS]` in a child process (a context manager): `base_url`, `pid`; ready when /v1/models
     answers."""
@@ -635,16 +645,17 @@ class ServerProcess:
                  runtime: str = "genai", args=()):
         self.model_dir, self.api_key, self.port, self.timeout, self.runtime = Path(
             model_dir), api_key, port or free_port(), timeout, runtime
-        self.args = [str(a) for a in args]  # more of slmops serve's options: --challenger, --canary_weight, --request_log, ...
+        # more of slmops serve's options: --challenger, --canary_weight, --request_log, ...
+        self.args = [str(a) for a in args]
         self.log = Path(log) if log else self.model_dir.with_name(self.model_dir.name + ".serve.log")
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self):
         import httpx
-        cmd = child_command("slmops", "serve", self.model_dir, "--port", self.port, "--runtime", self.runtime, *self.args)
-        env = {k: v
-               for k, v in os.environ.items()
-               if k != "SLMOPS_API_KEY"} | ({"SLMOPS_API_KEY": self.api_key} if self.api_key else {})
+        cmd = [slmops_command(), "serve", str(self.model_dir), "--port", str(self.port), "--runtime", self.runtime,
+               *self.args]
+        env = {k: v for k, v in os.environ.items() if k != "SLMOPS_API_KEY"}
+        if self.api_key: env["SLMOPS_API_KEY"] = self.api_key
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.pid, deadline = self.proc.pid, time.monotonic() + self.timeout

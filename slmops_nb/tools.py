@@ -173,7 +173,8 @@ def finetune_workflow(base, data: tuple, method: str = "lora", config: FinetuneC
     if set_dropout: lora["lora_dropout"] = config.lora_dropout  # else Olive's default, 0.05
     model = {"type": "HfModel", "model_path": str(Path(resolve_model(base)).resolve()),
              "load_kwargs": {"attn_implementation": "eager", "trust_remote_code": False}}
-    data_config = text_data_config("train_data", data_file, text_template, config.max_length or 128, len(records), strategy)
+    data_config = text_data_config("train_data", data_file, text_template, config.max_length or 128, len(records),
+                                   strategy)
     return olive_workflow(model, {"f": lora}, device, no_artifacts=True, data_configs=[data_config])
 
 # %% ../nbs/00h_tools.ipynb #c025
@@ -194,9 +195,11 @@ def run_olive_batch(jobs: dict[str, list], out, expect: list[str], timeout: floa
                     threads: int | None = None) -> dict[str, Path]:
     """Run `olive ARGS -o out/NAME` for each NAME, ARGS of `jobs`, one after the other in one Python process; `out` is
     replaced only if every run wrote every path in `expect`."""
-    command = lambda tmp: child_command("olive_batch", [[*map(str, args), "-o", tmp/name] for name, args in jobs.items()])
+    command = lambda tmp: child_command("olive_batch", [[*map(str, args), "-o", tmp / name]
+                                                        for name, args in jobs.items()])
     folder = run_tool(f"olive ({len(jobs)} runs in one process)", command, out,
-                      [f"{name}/{e}" for name in jobs for e in expect], timeout, threads, (".olive-cache",), OLIVE_QUIET)
+                      [f"{name}/{e}" for name in jobs for e in expect], timeout, threads, (".olive-cache", ),
+                      OLIVE_QUIET)
     return {name: folder/name for name in jobs}
 
 def olive_run_configs(configs: dict[str, dict], out, expect: list[str], timeout: float | None = None,

@@ -56,3 +56,42 @@ def test_children_run_modules_not_code_strings():
 def test_core_holds_no_process_pool():
     core = (ROOT/"slmops_nb"/"core.py").read_text()
     assert "ProcessPoolExecutor" not in core and "multiprocessing" not in core
+
+
+def test_chapters_open_with_one_context_call_and_build_no_task():
+    for nb in CHAPTERS:
+        code = "\n".join(_code_cells(nb))
+        assert "task_from_params" not in code, f"{nb.name} builds its task: open_chapter does"
+        assert code.count("open_chapter(") == 1, f"{nb.name}: {code.count('open_chapter(')} open_chapter calls"
+
+
+def test_only_artifacts_derives_the_run_folder():
+    derive = re.compile(r"\b(chapter_out|out)\)?(\.resolve\(\))?\.parent\b")  # a chapter's folder's parent
+    files = {p.name for p in LIBRARY for line in p.read_text().splitlines() if derive.search(line)}
+    assert files == {"artifacts.py"}, f"the run folder is worked out in {sorted(files)}: use artifacts.run_folder"
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    many = [f"{name}:{f.name} ({_parameters(f)})" for name, f in _functions() if _parameters(f) > 8]
+    assert not many, many
+
+
+def _defined(cell: str) -> list[str]:
+    "The public functions and classes an export cell defines (methods grown with @patch are their class's)."
+    tree = ast.parse(cell)
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not n.name.startswith("_") and not any(getattr(d, "id", None) == "patch" for d in n.decorator_list)]
+
+
+def test_exported_names_have_examples():
+    "At most 10% of the exported functions and classes go without an example (a code cell after theirs that uses them)."
+    names, missing = 0, []
+    for nb in sorted((ROOT/"nbs").glob("*.ipynb")):
+        cells = _code_cells(nb)
+        for i, cell in enumerate(cells):
+            if not re.match(r"\s*#\|\s*export\b", cell): continue
+            examples = "\n".join(c for c in cells[i + 1:] if not re.match(r"\s*#\|\s*export", c))
+            for name in _defined(cell):
+                names += 1
+                if not re.search(rf"\b{re.escape(name)}\b", examples): missing.append(f"{nb.stem}:{name}")
+    assert len(missing) <= 0.1*names, f"{len(missing)} of {names} exported names without an example: {missing}"
