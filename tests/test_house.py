@@ -95,3 +95,16 @@ def test_exported_names_have_examples():
                 names += 1
                 if not re.search(rf"\b{re.escape(name)}\b", examples): missing.append(f"{nb.stem}:{name}")
     assert len(missing) <= 0.1*names, f"{len(missing)} of {names} exported names without an example: {missing}"
+
+
+def test_imports_live_in_the_import_cell():
+    "The docs build (nbdev's proc_nbs) runs export cells and cells that import, alone: an example cell that imports runs without the cells it needs."
+    mixed = []
+    for nb in sorted((ROOT/"nbs").glob("*.ipynb")):
+        cells = _code_cells(nb)
+        first = next((i for i, s in enumerate(cells) if re.search(r"^(from \S+ )?import ", s, re.M)), len(cells))  # the import cell
+        for i, s in enumerate(cells[first + 1:], first + 1):
+            lines = [l for l in s.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+            imports = [l for l in lines if re.match(r"\s*(from \S+ )?import ", l)]
+            if imports and len(imports) < len(lines) and not re.match(r"\s*#\|\s*export", s): mixed.append(f"{nb.name} code cell {i}")
+    assert not mixed, f"an example cell imports: move its imports to the notebook's import cell: {mixed}"
