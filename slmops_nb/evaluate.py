@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .core import SlmopsError, progress_bar
-from .data import Task, chat_text, stop_token_ids
+from .data import Task, chat_messages, chat_text, end_of_turn_id, render_chat, stop_token_ids
 from .measure import Timer, latency_stats, model_size
 
 # %% auto #0
 __all__ = ['HEADLINE', 'POINTS', 'generate_answers', 'generate', 'normalize_label', 'label_tokens', 'classify', 'accuracy',
            'label_scores', 'class_report', 'answer_loss', 'generation_scores', 'task_answer', 'task_scores',
-           'chance_level', 'learning_warning', 'answer_budget', 'task_predictions', 'evaluate_task',
+           'chance_level', 'learning_warning', 'answer_budget', 'task_predictions', 'evaluate_task', 'named_label',
+           'task_instruction', 'pick_shots', 'task_chats', 'label_logprobs', 'rank_labels', 'prompt_baselines',
            'next_token_logits', 'logit_gap']
 
 # %% ../nbs/00f_evaluate.ipynb #c005
@@ -222,6 +224,85 @@ def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples
         size = model_size(model)
         out.update(params=size["params"], memory_bytes=size["total_bytes"], latency_ms_p50=lat["p50_ms"],
                    latency_ms_p95=lat["p95_ms"], examples_per_second=len(records) / t.seconds)
+    return out
+
+# %% ../nbs/00f_evaluate.ipynb #pb02
+def named_label(text: str, labels) -> str:
+    "The one label a free answer names as a word (`The tone is anger.` → `anger`), else the answer as `normalize_label` reads it."
+    words = text.replace("_", " ")
+    found = {l for l in labels if re.search(rf"(?<!\w){re.escape(str(l).replace('_', ' '))}(?!\w)", words, re.I)}
+    return found.pop() if len(found) == 1 else normalize_label(text, labels)
+
+# %% ../nbs/00f_evaluate.ipynb #pb04
+def task_instruction(task: Task) -> str:
+    "What a model that never trained on `task` is told: its system prompt, else (a classifier) to answer with one label."
+    if task.system_prompt or task.kind != "classification": return task.system_prompt
+    return f"Answer with exactly one of these labels and nothing else: {', '.join(task.classes)}."
+
+def pick_shots(task: Task, k: int = 0) -> list[dict]:
+    "Answered examples for few-shot prompts, from the train split: the first of each class (a classifier), else the first `k or 3`."
+    train = task.splits()["train"]
+    if task.kind != "classification": return train[:k or 3]
+    first = {}
+    for r in train: first.setdefault(task.answer(r), r)
+    return [first[c] for c in task.classes if c in first][:k or None]
+
+def task_chats(task: Task, records: list[dict], shots: list[dict] = ()) -> list[list[dict]]:
+    "Each record as the messages an untrained model reads: the task's instruction, the `shots` answered, the record."
+    head = [{"role": "system", "content": s}] if (s := task_instruction(task)) else []
+    demo = [m for s in shots for m in chat_messages(task.prompt(s), task.answer(s))]
+    return [head + demo + chat_messages(task.prompt(r)) for r in records]
+
+# %% ../nbs/00f_evaluate.ipynb #pb07
+def _answer_ids(tokenizer, messages: list[dict], labels) -> tuple[list[int], list[list[int]]]:
+    "The tokens every label's answer shares with the prompt, and each label's own, up to its end of turn."
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
+    prompt, eot = enc(render_chat(tokenizer, messages, True)), end_of_turn_id(tokenizer)
+    fulls = [enc(render_chat(tokenizer, messages + [{"role": "assistant", "content": str(l)}])) for l in labels]
+    k = min(next((i for i, (a, b) in enumerate(zip(prompt, f)) if a != b), min(len(prompt), len(f))) for f in fulls)
+    if k == 0: raise SlmopsError("The chat template writes the answer before the prompt: labels cannot be ranked.")
+    ends = [next((i + 1 for i in range(len(prompt), len(f)) if f[i] == eot), len(f)) for f in fulls]
+    return fulls[0][:k], [f[k:e] for f, e in zip(fulls, ends)]
+
+@torch.no_grad()
+def label_logprobs(model, tokenizer, chats: list[list[dict]], labels, progress: bool = False) -> np.ndarray:
+    "The log-probability of each label's answer after each chat (rows: chats, columns: labels)."
+    out = np.zeros((len(chats), len(labels)))
+    for row, msgs in enumerate(progress_bar(chats, desc="labels", disable=not progress)):
+        prefix, conts = _answer_ids(tokenizer, msgs, labels)
+        first = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
+        cache, head = first.cache, first.logits[0, -1].float().log_softmax(-1)
+        n = max(len(c) for c in conts)
+        ids = torch.full((len(conts), n), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(conts), len(prefix) + n), dtype=torch.long)
+        mask[:, :len(prefix)] = 1
+        for i, c in enumerate(conts): ids[i, :len(c)], mask[i, len(prefix):len(prefix) + len(c)] = torch.tensor(c), 1
+        cache.batch_repeat_interleave(len(conts))
+        logp = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                     cache=cache).logits.float().log_softmax(-1)
+        for i, c in enumerate(conts):
+            out[row, i] = head[c[0]].item() + sum(logp[i, j - 1, c[j]].item() for j in range(1, len(c)))
+    return out
+
+def rank_labels(model, tokenizer, chats: list[list[dict]], labels, progress: bool = False) -> list[str]:
+    "The label each chat's answer most likely is (the choice of decoding constrained to the labels)."
+    return [list(labels)[i] for i in label_logprobs(model, tokenizer, chats, labels, progress).argmax(1)]
+
+# %% ../nbs/00f_evaluate.ipynb #pb10
+def prompt_baselines(model, tokenizer, task: Task, records: list[dict], shots: list[dict] | None = None,
+                     max_new_tokens: int = 24) -> dict:
+    """The task's scores of a model never trained on it, by way of asking: `zero_shot` and `few_shot` (after `shots`,
+    else `pick_shots`), free, `_named` and `_ranked`."""
+    gold, out = [task.answer(r) for r in records], {}
+    budget = max(answer_budget(tokenizer, task), max_new_tokens if task.kind == "classification" else 0)
+    for name, demo in (("zero_shot", []), ("few_shot", pick_shots(task) if shots is None else shots)):
+        chats = task_chats(task, records, demo)
+        free = generate(model, tokenizer, [render_chat(tokenizer, c, True) for c in chats], budget, chat=False)
+        out[name] = {**task_scores(task, [task_answer(task, a) for a in free], gold), "answers": free}
+        if task.kind != "classification": continue
+        out[name]["not_a_label"] = sum(task_answer(task, a) not in task.classes for a in free) / len(free)
+        out[f"{name}_named"] = task_scores(task, [named_label(a, task.classes) for a in free], gold)
+        out[f"{name}_ranked"] = task_scores(task, rank_labels(model, tokenizer, chats, task.classes), gold)
     return out
 
 # %% ../nbs/00f_evaluate.ipynb #c028

@@ -41,7 +41,7 @@ def check_methods(methods) -> list[str]:
 FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what a label in another script needs
                   "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64},
                   "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
-                  "qa_epochs": {"default": 2, "smoke": 1}}
+                  "qa_epochs": {"default": 2, "smoke": 1}, "baseline_limit": {"default": 150, "smoke": 32}}
 
 # %% ../nbs/03_finetuning.ipynb #f3a005b
 # what chapter 03 hands on: artifact name → its path in the chapter's folder

@@ -13,10 +13,15 @@ from .measure import dir_size, latency_stats, model_size
 from .models import resolve_model
 
 # %% auto #0
-__all__ = ['INTRO_SIZES', 'size_and_latency']
+__all__ = ['INTRO_SIZES', 'GENERAL_PROMPTS', 'size_and_latency']
 
 # %% ../nbs/01_introduction.ipynb #i011
-INTRO_SIZES = {"eval_limit": {"default": 10**9, "smoke": 150}, "latency_repeats": {"default": 40, "smoke": 10}}
+INTRO_SIZES = {"eval_limit": {"default": 10**9, "smoke": 150}, "latency_repeats": {"default": 40, "smoke": 10},
+               "baseline_limit": {"default": 150, "smoke": 48}}
+
+# %% ../nbs/01_introduction.ipynb #pb19
+GENERAL_PROMPTS = ["What is the capital of France? Answer in one word.", "Translate 'good morning' into French.",
+                   "Name a planet of the solar system."]  # what pretraining teaches, and no task does
 
 # %% ../nbs/01_introduction.ipynb #c025
 def size_and_latency(model, tokenizer, folder, task: Task, records: list[dict], repeats: int = 40) -> dict:
