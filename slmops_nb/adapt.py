@@ -6,21 +6,24 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
-from .core import SlmopsError, atomic_dir, seed_everything
+from .core import SlmopsError, atomic_dir, cached_artifact, seed_everything
 from .measure import PeakMemory
-from .models import load_base, load_model, resolve_model, save_model
-from .train import OverfittingWarning, TrainConfig, train_causal_lm
+from .data import Task
+from .models import (REAL_PREFIX, WORKBENCH_PREFIX, load_base, load_model, load_tokenizer, resolve_model,
+                              save_model, task_fingerprint)
+from .train import OverfittingWarning, TrainConfig, task_examples, train_causal_lm
 
 # %% auto #0
-__all__ = ['ADAPTER_METHODS', 'lora_targets', 'check_lora', 'FinetuneConfig', 'peft_config', 'prepare_model',
-           'trainable_parameters', 'finetune', 'load_trained', 'load_adapters', 'merge_adapter']
+__all__ = ['ADAPTER_METHODS', 'ADAPTED', 'lora_targets', 'check_lora', 'FinetuneConfig', 'peft_config', 'prepare_model',
+           'trainable_parameters', 'finetune', 'load_trained', 'load_adapters', 'merge_adapter', 'adapted_model']
 
 # %% ../nbs/00ea_adapt.ipynb #t041
 ADAPTER_METHODS = ("lora", "qlora", "dora", "ia3")  # trained in-process with PEFT
@@ -159,3 +162,21 @@ def merge_adapter(base, adapter_dir, tokenizer, out):
     model = load_adapters(base, {"adapter": adapter_dir}).merge_and_unload()
     with atomic_dir(out) as tmp: save_model(model, tokenizer, tmp)
     return model
+
+# %% ../nbs/00ea_adapt.ipynb #d068
+# LoRA on every linear layer of the blocks, a pretrained model's learning rate, stopped on the validation loss
+ADAPTED = FinetuneConfig(max_steps=240, lr=5e-4, batch_size=8, lora_r=16, lora_alpha=32, lora_dropout=0.0, patience=2)
+
+def _adapt(out: Path, base, task: Task, config: FinetuneConfig, valid_limit: int):
+    tok, data = load_tokenizer(base), task.splits()
+    ex = {s: task_examples(tok, task, data[s], 0) for s in ("train", "validation")}
+    with tempfile.TemporaryDirectory() as d:
+        finetune("lora", base, tok, ex["train"], ex["validation"][:valid_limit], Path(d)/"lora", config)
+        save_model(load_adapters(base, {"task": Path(d)/"lora"/"model"}).merge_and_unload(), tok, out)
+
+def adapted_model(base, task: Task, config: FinetuneConfig = ADAPTED, valid_limit: int = 256, root=None) -> Path:
+    "`base` (a name or folder) adapted to `task` with LoRA as `config` says, merged: built once, cached by all three."
+    named = str(base).startswith((WORKBENCH_PREFIX, REAL_PREFIX))  # a name keys by itself, a folder by its path
+    spec = {"base": str(base) if named else str(resolve_model(base)),
+            "task": task_fingerprint(task), "config": asdict(config), "valid_limit": valid_limit}
+    return cached_artifact("adapted", spec, lambda out: _adapt(out, base, task, config, valid_limit), root)

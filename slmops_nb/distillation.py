@@ -22,11 +22,11 @@ from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, 
 from .train import PadCollator, TrainConfig, run_trainer, task_examples, train_causal_lm, training_defaults
 
 # %% auto #0
-__all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'KD_METHODS', 'GKD_DEFAULTS', 'gold_subset', 'endpoint_answers',
-           'TeacherEndpoint', 'teacher_answers', 'repetitive', 'drop_reason', 'validate_answers', 'synthesize',
-           'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer', 'labelled_positions', 'answer_logits',
-           'save_answer_logits', 'load_answer_logits', 'DistillConfig', 'train_student', 'train_student_into',
-           'train_students', 'distill_summary', 'train_gkd']
+__all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'TEACHER_LAYERS', 'KD_METHODS', 'GKD_DEFAULTS', 'gold_subset',
+           'endpoint_answers', 'TeacherEndpoint', 'teacher_answers', 'repetitive', 'drop_reason', 'validate_answers',
+           'synthesize', 'layer_student', 'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer',
+           'labelled_positions', 'answer_logits', 'save_answer_logits', 'load_answer_logits', 'DistillConfig',
+           'train_student', 'train_student_into', 'train_students', 'distill_summary', 'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #f2a002
 DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
@@ -145,14 +145,42 @@ def synthesize(answers: list[dict], out_dir, task: Task | None = None, min_confi
     write_jsonl(Path(out_dir)/"synthetic_dropped.jsonl", rejects)
     return {"path": path, "records": kept, "kept": len(kept), "total": len(answers), "dropped": dropped}
 
+# %% ../nbs/02_distillation.ipynb #ls001
+def layer_student(teacher, n_layers: int):
+    """A student made of `n_layers` of `teacher`'s blocks, evenly spaced, the first and the last kept, with its
+    embeddings and head: DistilBERT's and Minitron's start, a student that already reads and writes like its teacher."""
+    import copy
+    blocks = getattr(getattr(teacher, "model", None), "layers", None)
+    if blocks is None:
+        raise SlmopsError(f"{type(teacher).__name__} keeps no blocks in model.layers: use workbench:student.")
+    if not 1 <= n_layers < len(blocks):
+        raise SlmopsError(
+            f"The teacher has {len(blocks)} blocks: keep between 1 and {len(blocks) - 1} (n_layers={n_layers}).")
+    keep = sorted({round(i * (len(blocks) - 1) / max(n_layers - 1, 1)) for i in range(n_layers)})
+    student = copy.deepcopy(teacher)
+    student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
+    for j, block in enumerate(student.model.layers): block.self_attn.layer_idx = j
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student.train()
+
 # %% ../nbs/02_distillation.ipynb #22bc58df
 STUDENT = WORKBENCH_PREFIX + "student"
+TEACHER_LAYERS = "teacher_layers:"  # teacher_layers:4, a student of four of the teacher's blocks
 
-def make_student(student: str, teacher_tokenizer, seed: int = 0):
-    """A fresh student and its tokenizer: `workbench:student` is an untrained STUDENT_ARCH Llama on the teacher's
-    tokenizer."""
-    if student == STUDENT: return new_model(teacher_tokenizer, STUDENT_ARCH, seed), teacher_tokenizer
+def make_student(student: str, teacher, seed: int = 0):
+    """A student and its tokenizer: `workbench:student` an untrained STUDENT_ARCH Llama on the teacher's tokenizer,
+    `teacher_layers:N` N of `teacher`'s blocks (`layer_student`), else the model of that name or folder."""
     seed_everything(seed)
+    teacher_tok = load_tokenizer(teacher)
+    if student == STUDENT: return new_model(teacher_tok, STUDENT_ARCH, seed), teacher_tok
+    if student.startswith(TEACHER_LAYERS):
+        n = student[len(TEACHER_LAYERS):]
+        if not n.isdigit() or int(n) < 1:
+            raise SlmopsError(
+                f"student={student!r}: give the number of the teacher's blocks to keep, e.g. {TEACHER_LAYERS}4.")
+        return layer_student(load_model(teacher), int(n)), teacher_tok
     return load_model(student), load_tokenizer(student)
 
 # %% ../nbs/02_distillation.ipynb #4c482d08
@@ -291,8 +319,7 @@ def train_student_into(out, method: str, student: str, teacher, records: list[di
     """A fresh `student` trained by `method` on `records` as `config` says (`train_student`) from `teacher` (a folder,
     workbench name or hub id; its `save_answer_logits` file for logit KD when given), saved in `out`: its train
     seconds and trainer."""
-    teacher_tok = load_tokenizer(teacher)
-    model, tok = make_student(student, teacher_tok, config.seed)
+    model, tok = make_student(student, teacher, config.seed)
     cached = load_answer_logits(teacher_logits_file) if method == "logit_kd" and teacher_logits_file else None
     teacher_model = load_model(teacher, device=_device()) if method == "logit_kd" and cached is None else None
     res = train_student(method, model, tok, records, config, teacher_model, cached, task)

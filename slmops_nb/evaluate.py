@@ -228,19 +228,19 @@ def evaluate_task(model, tokenizer, task: Task, records: list[dict], *, examples
 
 # %% ../nbs/00f_evaluate.ipynb #pb02
 def named_label(text: str, labels) -> str:
-    "The one label a free answer names as a word (`The tone is anger.` → `anger`), else the answer as `normalize_label` reads it."
+    "The one label a free answer names as a word (`The tone is anger.` → `anger`), else `normalize_label`'s reading."
     words = text.replace("_", " ")
     found = {l for l in labels if re.search(rf"(?<!\w){re.escape(str(l).replace('_', ' '))}(?!\w)", words, re.I)}
     return found.pop() if len(found) == 1 else normalize_label(text, labels)
 
 # %% ../nbs/00f_evaluate.ipynb #pb04
 def task_instruction(task: Task) -> str:
-    "What a model that never trained on `task` is told: its system prompt, else (a classifier) to answer with one label."
+    "What a model never trained on `task` is told: its system prompt, else (a classifier) to answer with one label."
     if task.system_prompt or task.kind != "classification": return task.system_prompt
     return f"Answer with exactly one of these labels and nothing else: {', '.join(task.classes)}."
 
 def pick_shots(task: Task, k: int = 0) -> list[dict]:
-    "Answered examples for few-shot prompts, from the train split: the first of each class (a classifier), else the first `k or 3`."
+    "Few-shot examples from the train split: each class's first, or (a generator) the first `k or 3`."
     train = task.splits()["train"]
     if task.kind != "classification": return train[:k or 3]
     first = {}

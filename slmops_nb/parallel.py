@@ -45,13 +45,14 @@ def side_by_side(calls: list[tuple], threads: int = 1, grow: bool = False) -> li
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     import torch
-    workers = min(len(calls), torch.get_num_threads() // threads)
-    if workers < 2: return [f(*a, **kw) for f, a, kw in calls]
-    local = [f.__qualname__ for f, _, _ in calls if f.__module__ == "__main__"]
+    local = [getattr(o, "__qualname__", type(o).__qualname__) for f, a, kw in calls for o in (f, *a, *kw.values())
+             if "__main__" in (getattr(o, "__module__", None), type(o).__module__)]  # checked on one thread too
     if local:
         raise SlmopsError(
             f"side_by_side: {local} are defined in __main__ (a notebook or a script), which a new process does not "
-            "have: pass the function from its module (import it).")
+            "have: pass the function, or an object of a class, from its module (import it).")
+    workers = min(len(calls), torch.get_num_threads() // threads)
+    if workers < 2: return [f(*a, **kw) for f, a, kw in calls]
     ctx = multiprocessing.get_context("spawn")
     shared = (ctx.Value("i", len(calls)), torch.get_num_threads(), workers) if grow else ()
     pool = ProcessPoolExecutor(workers, ctx, _one_process_threads, (threads, *shared))

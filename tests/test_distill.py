@@ -31,7 +31,7 @@ def test_malformed_teacher_answers_are_dropped_and_counted():
 
 def test_untrained_teacher_answers_are_validated_and_saved(tmp_path, tok):
     "A real model that knows nothing: its answers are not labels, or cut off, and are dropped with a reason."
-    model, _ = make_student(STUDENT, tok, seed=0)
+    model, _ = make_student(STUDENT, "workbench:tokenizer", seed=0)
     prompts = [r["phrase"] for r in tone_split("test")[:12]]
     answers = generate_answers(model, tok, prompts, max_new_tokens=3, scores=True)
     assert [a["prompt"] for a in answers] == prompts and all(0 <= a["confidence"] <= 1 for a in answers)
@@ -48,7 +48,7 @@ def test_untrained_teacher_answers_are_validated_and_saved(tmp_path, tok):
 
 
 def _batch_logits(tok):
-    model, _ = make_student(STUDENT, tok, seed=1)
+    model, _ = make_student(STUDENT, "workbench:tokenizer", seed=1)
     batch = PadCollator(tok.pad_token_id)(encode_chats(tok, [("I am so happy today.", "joy"), ("It is Monday.", "neutral")]))
     with torch.no_grad(): out = model(**batch)
     return out, batch["labels"]
@@ -71,16 +71,16 @@ def test_vocabulary_check_refuses_a_different_tokenizer(tok):
     other.add_tokens(["<|tool|>"])
     with pytest.raises(SlmopsError, match=r"Logit KD needs one vocabulary: .* 2048 tokens, the student 2049, .*sequence-level KD"):
         check_same_vocabulary(tok, other)
-    a, _ = make_student(STUDENT, tok)
-    b, _ = make_student(STUDENT, tok)
+    a, _ = make_student(STUDENT, "workbench:tokenizer")
+    b, _ = make_student(STUDENT, "workbench:tokenizer")
     b.resize_token_embeddings(len(tok) + 8)
     with pytest.raises(SlmopsError, match=f"outputs {len(tok)} logits per token, the student {len(tok) + 8}"):
         check_same_vocabulary(tok, tok, a, b)
-    check_same_vocabulary(tok, load_tokenizer("workbench:tokenizer"), a, make_student(STUDENT, tok)[0])
+    check_same_vocabulary(tok, load_tokenizer("workbench:tokenizer"), a, make_student(STUDENT, "workbench:tokenizer")[0])
 
 
 def test_train_student_refuses_bad_method_and_budget(tok):
-    model, _ = make_student(STUDENT, tok)
+    model, _ = make_student(STUDENT, "workbench:tokenizer")
     recs = tone_split("train")[:4]
     with pytest.raises(SlmopsError, match=r"Unknown distillation method 'kd'.*gold_only"):
         train_student("kd", model, tok, recs, DistillConfig(max_steps=1))
@@ -92,11 +92,11 @@ def test_train_student_refuses_bad_method_and_budget(tok):
 
 def test_logit_kd_and_gkd_train_a_student(tok):
     "Both teacher-in-the-loop trainers run for real and move the student's weights."
-    teacher, _ = make_student(STUDENT, tok, seed=5)
+    teacher, _ = make_student(STUDENT, "workbench:tokenizer", seed=5)
     recs = tone_split("train")[:32]
     for train in (lambda s: train_student("logit_kd", s, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher),
                   lambda s: train_gkd(s, teacher, tok, recs, TrainConfig(max_steps=4, batch_size=8))):
-        student, _ = make_student(STUDENT, tok, seed=0)
+        student, _ = make_student(STUDENT, "workbench:tokenizer", seed=0)
         before = student.lm_head.weight.detach().clone()
         res = train(student)
         assert res["train_seconds"] > 0 and res["log_history"][-1]["train_loss"] > 0
@@ -105,10 +105,10 @@ def test_logit_kd_and_gkd_train_a_student(tok):
 
 def test_logit_kd_on_cached_teacher_logits_trains_the_student_the_teacher_trains(tmp_path, tok):
     "The teacher's logits saved once (save_answer_logits) train the very student the teacher run at every step trains."
-    teacher, _ = make_student(STUDENT, tok, seed=5)
+    teacher, _ = make_student(STUDENT, "workbench:tokenizer", seed=5)
     recs = tone_split("train")[:32]
     path = save_answer_logits(teacher, tok, recs, tmp_path/"logits.pt")
-    live, cached = make_student(STUDENT, tok, seed=0)[0], make_student(STUDENT, tok, seed=0)[0]
+    live, cached = make_student(STUDENT, "workbench:tokenizer", seed=0)[0], make_student(STUDENT, "workbench:tokenizer", seed=0)[0]
     a = train_student("logit_kd", live, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher)
     b = train_student("logit_kd", cached, tok, recs, DistillConfig(max_steps=4, batch_size=8), teacher_logits=load_answer_logits(path))
     assert abs(a["log_history"][-1]["train_loss"] - b["log_history"][-1]["train_loss"]) < 1e-4
@@ -120,7 +120,7 @@ def test_logit_kd_on_cached_teacher_logits_trains_the_student_the_teacher_trains
 
 def test_students_side_by_side_are_the_students_trained_in_order(tmp_path, tok):
     "train_students in fresh processes (two threads to share) trains the very students one process trains in order, on one thread."
-    teacher, _ = make_student(STUDENT, tok, seed=5)
+    teacher, _ = make_student(STUDENT, "workbench:tokenizer", seed=5)
     save_model(teacher, tok, tmp_path/"teacher")
     recs, methods, threads = tone_split("train")[:32], ["gold_only", "seq_kd", "logit_kd"], torch.get_num_threads()
     def students(n: int, out: str) -> dict:
