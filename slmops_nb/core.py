@@ -308,6 +308,8 @@ def quiet():
     # bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster 4-bit kernel from the hub when it is imported and warns
     # that it cannot (always, offline); its own CPU kernel runs instead
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # and, offline, the kernels package says it skips the publisher check of the kernel it does not fetch
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
     # the Trainer sorts its numbered checkpoints by number when file times look coarse, and says so once per process
     logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)
     # MLflow announces each SQLite store it sets up
