@@ -88,13 +88,14 @@ def score(task: Task, records: list[dict], answers: list[str | None]) -> float:
 
 # %% ../nbs/05_operations.ipynb #o5041
 def logged_prompts(log, first: int, per_window: int) -> list[str]:
-    "The prompts of the served requests from window `first` on, as the server logged them (it must log prompts)."
+    """The prompts of the served requests from window `first` on (the server must log prompts), sorted: the log's order
+    is the order concurrent requests finished in, and a challenger's data should not depend on it."""
     from slmops_nb.serve import read_request_log
     from slmops_nb.monitor import served
     lines = served(read_request_log(log))[first * per_window:]
     if not lines or "prompt" not in lines[0]:
         raise SlmopsError(f"{log} holds no prompts from window {first}: serve with --log-prompts.")
-    return [l["prompt"] for l in lines]
+    return sorted(l["prompt"] for l in lines)
 
 def as_prompts(task: Task) -> Task:
     "`task` reading whole prompts from its input column (a logged prompt is already rendered by its template)."
