@@ -172,7 +172,7 @@ def _adapt(out: Path, base, task: Task, config: FinetuneConfig, valid_limit: int
     ex = {s: task_examples(tok, task, data[s], 0) for s in ("train", "validation")}
     with tempfile.TemporaryDirectory() as d:
         finetune("lora", base, tok, ex["train"], ex["validation"][:valid_limit], Path(d)/"lora", config)
-        save_model(load_adapters(base, {"task": Path(d)/"lora"/"model"}).merge_and_unload(), tok, out)
+        merge_adapter(base, Path(d)/"lora"/"model", tok, out)
 
 def adapted_model(base, task: Task, config: FinetuneConfig = ADAPTED, valid_limit: int = 256, root=None) -> Path:
     "`base` (a name or folder) adapted to `task` with LoRA as `config` says, merged: built once, cached by all three."
