@@ -12,14 +12,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .core import SlmopsError, atomic_dir, cached_artifact, seed_everything
 from .measure import PeakMemory
 from .data import Task
 from .models import (REAL_PREFIX, WORKBENCH_PREFIX, load_base, load_model, load_tokenizer, resolve_model,
                               save_model, task_fingerprint)
-from .train import OverfittingWarning, TrainConfig, task_examples, train_causal_lm
+from .train import AnswerLossTrainer, OverfittingWarning, TrainConfig, task_examples, train_causal_lm
 
 # %% auto #0
 __all__ = ['ADAPTER_METHODS', 'ADAPTED', 'lora_targets', 'check_lora', 'FinetuneConfig', 'peft_config', 'prepare_model',
@@ -108,9 +108,9 @@ def _with_callbacks(trainer, *callbacks):
     return partial(trainer, callbacks=[*getattr(trainer, "keywords", {}).get("callbacks", []), *callbacks])
 
 def finetune(method: str, base, tokenizer, train: list[dict], valid: list[dict], out,
-             config: FinetuneConfig | None = None, trainer=Trainer) -> dict:
+             config: FinetuneConfig | None = None, trainer=AnswerLossTrainer) -> dict:
     """Train `method` on `base` as `config` says: checkpoints, TensorBoard logs, early stopping; the adapter (or model)
-    saved in `out`/model. `trainer`: the HF Trainer, a subclass, or a partial of one."""
+    saved in `out`/model. `trainer`: `AnswerLossTrainer`, the HF Trainer, a subclass, or a partial of one."""
     config = config or FinetuneConfig()
     if not train or not valid:
         raise SlmopsError(f"{method}: needs training and validation examples (got {len(train)} and {len(valid)}).")
@@ -165,7 +165,7 @@ def merge_adapter(base, adapter_dir, tokenizer, out):
 
 # %% ../nbs/00ea_adapt.ipynb #d068
 # LoRA on every linear layer of the blocks, a pretrained model's learning rate, stopped on the validation loss
-ADAPTED = FinetuneConfig(max_steps=240, lr=5e-4, batch_size=8, lora_r=16, lora_alpha=32, lora_dropout=0.0, patience=2)
+ADAPTED = FinetuneConfig(max_steps=120, lr=5e-4, batch_size=8, lora_r=16, lora_alpha=32, lora_dropout=0.0, patience=2)
 
 def _adapt(out: Path, base, task: Task, config: FinetuneConfig, valid_limit: int):
     tok, data = load_tokenizer(base), task.splits()

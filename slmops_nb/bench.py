@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
@@ -19,13 +20,14 @@ from .child import ANSWERERS, child_command
 from .core import SlmopsError, write_json
 from .data import Task, render_chat
 from .evaluate import HEADLINE, POINTS, task_predictions, task_scores
-from .measure import PeakMemory, Timer, dir_size, percentile
+from .measure import PeakMemory, Timer, dir_size, latency_stats, percentile
 from .models import build_workbench, load_model, load_tokenizer
-from .runtimes import RUNTIMES, cpu_threads, load_runtime
+from .runtimes import RUNTIMES, check_genai_folder, cpu_threads, load_runtime, thread_limit
 
 # %% auto #0
 __all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output', 'peak_memory',
-           'screen_quality', 'broken_variants', 'frontier', 'recommend', 'benchmark_workbench']
+           'screen_quality', 'broken_variants', 'frontier', 'recommend', 'memory_bandwidth', 'weight_bytes_per_token',
+           'kl_divergence', 'mcnemar_p', 'decode_figures', 'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -43,8 +45,8 @@ def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict
 # %% ../nbs/00j_bench.ipynb #c008
 def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records: list[dict],
                   max_new_tokens: int = 32) -> tuple[dict, object]:
-    """Load a model with `load()` and measure it on `prompts` (timing) and `task`'s `records` (its scores); returns
-    (figures, model)."""
+    """Load a model with `load()` and measure it on `prompts` (timing) and `task`'s `records` (its scores, its
+    `answers`); returns (figures, model)."""
     if not prompts or not records: raise SlmopsError("The benchmark needs prompts to time and records to score.")
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
@@ -60,7 +62,7 @@ def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records
         "tokens_per_second": decoded / decode_s if decode_s else 0.0, "latency_ms_p50": percentile(lat, 50),
         "latency_ms_p95": percentile(lat, 95), "peak_memory_mb": mem.delta_mb,
         "tokens_per_request": sum(r["tokens"] for r in reqs) / len(reqs),
-        **task_scores(task, pred, [task.answer(r) for r in records])
+        **task_scores(task, pred, [task.answer(r) for r in records]), "answers": pred
     }, model
 
 # %% ../nbs/00j_bench.ipynb #c011
@@ -207,6 +209,78 @@ def recommend(rows: list[dict], reference: str, tolerance_points: float = 1.0) -
             f"{tolerance_points:g} point(s) of {reference}'s ({ref['quality']:.3f}; this one {best['quality']:.3f})" +
             (f"; below it: {', '.join(left)}" if left else ""))
     }
+
+# %% ../nbs/00j_bench.ipynb #bw02
+def memory_bandwidth(threads: int | None = None, gib: float = 1.0, repeats: int = 5) -> float:
+    "GB/s this machine reads on `threads` threads: the best of `repeats` sums of a `gib` GiB array."
+    x, before = torch.ones(int(gib * 2**30) // 4), torch.get_num_threads()
+    torch.set_num_threads(threads or cpu_threads())
+    try:
+        x.sum()  # warm-up
+        best = latency_stats(lambda: x.sum(), repeats=repeats, warmup=0)["min_ms"] / 1000
+    finally: torch.set_num_threads(before)
+    return x.numel() * 4 / best / 1e9
+
+# %% ../nbs/00j_bench.ipynb #bw04
+def weight_bytes_per_token(kind: str, folder) -> int:
+    """Bytes of weights a decode step of `folder` (runtime `kind`: genai or llamacpp) reads: all of them but an
+    embedding table the graph only gathers rows from (llama.cpp's token_embd when the model has its own output)."""
+    folder = Path(folder)
+    if kind == "llamacpp":
+        from gguf import GGUFReader
+        tensors = {t.name: int(t.n_bytes) for t in GGUFReader(folder/"model.gguf").tensors}
+        gathered = {"token_embd.weight"} if "output.weight" in tensors else set()
+        return sum(n for name, n in tensors.items() if name not in gathered)
+    if kind != "genai": raise SlmopsError(f"weight_bytes_per_token counts genai or llamacpp folders, not {kind!r}.")
+    import onnx
+    graph = onnx.load(str(check_genai_folder(folder)/"model.onnx"), load_external_data=False).graph
+    users = {}
+    for node in graph.node:
+        for name in node.input: users.setdefault(name, set()).add(node.op_type)
+    def size(t): return next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
+    return sum(size(t) for t in graph.initializer if users.get(t.name, {"MatMul"}) != {"Gather"})
+
+# %% ../nbs/00j_bench.ipynb #bw06
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
+    "Mean KL(reference || other) in nats of next-token distributions given as logits, one row a prompt."
+    def log_softmax(x): x = x.astype(np.float64) - x.max(-1, keepdims=True); return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(reference), log_softmax(other)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+def mcnemar_p(right: list[bool], other_right: list[bool]) -> float:
+    """Exact McNemar p-value of two models scored on the same examples: the chance of so lopsided a split of the
+    examples only one of them gets right, were they equally good."""
+    from scipy.stats import binomtest
+    only = (sum(a and not b for a, b in zip(right, other_right)), sum(b and not a for a, b in zip(right, other_right)))
+    return 1.0 if not sum(only) else float(binomtest(min(only), sum(only), 0.5).pvalue)
+
+# %% ../nbs/00j_bench.ipynb #bw09
+def decode_figures(variants: dict, measured: dict, task: Task, records: list[dict], prompts: list[str],
+                   max_new_tokens: int = 32, threads=(1, 2)) -> dict:
+    """Per variant of `frontier` ({name: (runtime, folder)}, its `measured` figures with answers, the first the
+    reference): agreement, mcnemar_p and kl against the reference; weight bytes a token; at each thread count, decode
+    tokens/s and `bandwidth_share`; and the machine's bandwidth."""
+    bandwidth = {t: memory_bandwidth(t) for t in threads}
+    gold, ref = [task.answer(r) for r in records], next(iter(variants))
+    right = {n: [a == g for a, g in zip(measured[n]["answers"], gold)] for n in variants}
+    logits, out = {}, {"bandwidth_gbps": bandwidth}
+    for name, (kind, folder) in variants.items():
+        per_token, speed = weight_bytes_per_token(kind, folder), {}
+        for t in threads:
+            with thread_limit(t):
+                model = load_runtime(kind, folder, name)
+                try:
+                    timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
+                    reqs = [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+                    if t == threads[-1]: logits[name] = model.next_token_logits(prompts)
+                finally: model.close()
+            tps = sum(r["tokens"] - 1 for r in reqs) / sum(r["decode_seconds"] for r in reqs)
+            speed[t] = {"tokens_per_second": tps, "bandwidth_share": per_token * tps / (bandwidth[t] * 1e9)}
+        same = [a == b for a, b in zip(measured[name]["answers"], measured[ref]["answers"])]
+        out[name] = {"weight_bytes_per_token": per_token, "by_threads": speed, "agreement": sum(same) / len(same),
+                     "mcnemar_p": mcnemar_p(right[ref], right[name]),
+                     "kl": kl_divergence(logits[ref], logits[name]) if logits[name].shape == logits[ref].shape else None}
+    return out
 
 # %% ../nbs/00j_bench.ipynb #c016
 def benchmark_workbench(fresh: bool = False) -> dict:

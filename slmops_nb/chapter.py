@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import MANIFEST, run_folder
-from .core import SlmopsError, by_profile, check_profile, new_run_dir, seed_everything
+from .core import PROFILE_MODELS, SlmopsError, by_profile, check_profile, new_run_dir, seed_everything
 from .data import TASK_FIELDS, Task, task_from_params
 
 # %% auto #0
@@ -49,13 +49,13 @@ class Chapter:
 
 # %% ../nbs/00ka_chapter.ipynb #c012
 def open_chapter(namespace: dict, sizes: dict | None = None) -> Chapter:
-    """The context of the chapter whose parameters are `namespace`; its parameters in `sizes` left at 0 take the
-    profile's."""
+    """The context of the chapter whose parameters are `namespace`; its model parameters (`PROFILE_MODELS`) and those
+    in `sizes` left at 0 or empty take the profile's."""
     profile = check_profile(namespace.get("profile", "default"))
     task, given = chapter_task(namespace)
     out = chapter_folder(namespace)
     out.mkdir(parents=True, exist_ok=True)
-    for k, size in (sizes or {}).items():
+    for k, size in {**PROFILE_MODELS, **(sizes or {})}.items():
         if k in namespace: namespace[k] = by_profile(profile, namespace[k], **size)
     seed_everything(namespace.get("seed", 0))
     return Chapter(profile, out.resolve(), task, given)

@@ -108,7 +108,7 @@ class Renamed(argparse.Action):
 def cmd_run(
     chapters: Param("chapters to run (01_introduction or 01); default: all, in order", str, opt=False,
                     nargs="*") = None,
-    profile: Param("default: the real workbook; smoke: shrunk for CI", str, choices=PROFILES) = "default",
+    profile: Param("default: the workbench models; smoke: shrunk for CI; real: SmolLM2-135M-Instruct", str, choices=PROFILES) = "default",
     out: str = None,  # run folder (default: a new runs/<run-id>/)
     param: Param("set a chapter parameter, NAME=VALUE (repeatable)", str, action="append") = None,
     nbs: str = None,  # folder holding the chapter notebooks (default: the workbook's nbs/)

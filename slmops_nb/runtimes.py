@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ from .data import Task, chat_text, load_chat_tokenizer, render_chat, stop_token_
 # evaluate and models import PyTorch: a server of an ONNX or GGUF folder does without it, so they come where used
 
 # %% auto #0
-__all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'cpu_threads', 'GenAIModel',
-           'check_llama_cpp', 'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'genai_copy',
+__all__ = ['GENAI_FILES', 'RUNTIMES', 'ChatModel', 'TorchModel', 'check_genai_folder', 'cpu_threads', 'thread_limit',
+           'GenAIModel', 'check_llama_cpp', 'LlamaCppModel', 'prompt_template', 'foundry_model_folder', 'genai_copy',
            'throughput_copy', 'FoundryLocal', 'foundry_model_id', 'load_runtime']
 
 # %% ../nbs/00g_runtimes.ipynb #c005
@@ -142,6 +143,16 @@ def cpu_threads() -> int:
     Runtime's default)."""
     limit = os.environ.get("OMP_NUM_THREADS", "")
     return int(limit) if limit.isdigit() and int(limit) > 0 else psutil.cpu_count(logical=False) or 1
+
+@contextmanager
+def thread_limit(threads: int):
+    "Runtimes loaded inside take `threads` threads (`cpu_threads` reads `OMP_NUM_THREADS`)."
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try: yield
+    finally:
+        if before is None: os.environ.pop("OMP_NUM_THREADS")
+        else: os.environ["OMP_NUM_THREADS"] = before
 
 # %% ../nbs/00g_runtimes.ipynb #c014
 class GenAIModel(ChatModel):
@@ -306,6 +317,19 @@ class LlamaCppModel(ChatModel):
     def close(self):
         "Free llama.cpp's model and context now."
         self._free()
+
+# %% ../nbs/00g_runtimes.ipynb #c016e1
+@patch
+def next_token_logits(self: LlamaCppModel, prompts: list[str]) -> np.ndarray:
+    """The logits of the token after each prompt (a user message in the chat template), as `GenAIModel`'s: llama.cpp
+    evaluates the prompt and keeps its last row."""
+    rows = []
+    with self._one_at_a_time:
+        for p in prompts:
+            self.llm.reset()
+            self.llm.eval(self.prompt_ids([{"role": "user", "content": p}]))
+            rows.append(np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32))
+    return np.stack(rows)
 
 # %% ../nbs/00g_runtimes.ipynb #c018
 def prompt_template(tokenizer) -> dict:

@@ -22,7 +22,8 @@ from .measure import Timer
 # %% auto #0
 __all__ = ['FLAT_MAX_TOKENS', 'encode_texts', 'encode_chats', 'task_examples', 'PadCollator', 'FlatCollator', 'EpochLogger',
            'StepBar', 'PoolThreads', 'overfitting_points', 'OverfittingWarning', 'TrainConfig', 'training_defaults',
-           'run_trainer', 'train_causal_lm', 'class_weights', 'weighted_examples', 'WeightedLossTrainer']
+           'answer_positions', 'AnswerLossTrainer', 'run_trainer', 'train_causal_lm', 'class_weights',
+           'weighted_examples', 'WeightedLossTrainer']
 
 # %% ../nbs/00e_train.ipynb #c005
 def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> list[dict]:
@@ -186,6 +187,21 @@ def training_defaults() -> dict:
     return dict(lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=10, save_strategy="no", report_to=[],
                 disable_tqdm=True, use_cpu=not torch.cuda.is_available())
 
+# %% ../nbs/00e_train.ipynb #c022b
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    "The positions of a batch whose next token has a label in some row: the only logits a completion-only loss reads."
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+
+class AnswerLossTrainer(Trainer):
+    "The `Trainer`, its causal LM loss from the logits at `answer_positions` only."
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, keep = inputs["labels"], answer_positions(inputs["labels"])
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        y = labels[:, keep + 1]
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else (y != -100).sum())
+        return (loss, out) if return_outputs else loss
+
 # %% ../nbs/00e_train.ipynb #c023
 def run_trainer(trainer, name: str = "train") -> dict:
     """Train with a few `EpochLogger` lines (and a `StepBar` widget in JupyterLab), taking the threads a pool frees
@@ -199,9 +215,9 @@ def run_trainer(trainer, name: str = "train") -> dict:
 
 # %% ../nbs/00e_train.ipynb #c024
 def train_causal_lm(model, tokenizer, train: list[dict], valid: list[dict] | None = None,
-                    config: TrainConfig | None = None, trainer=Trainer, name: str = "train", **training_args) -> dict:
-    """Train `model` on encoded examples as `config` says with `trainer` (the HF Trainer, a subclass, or a partial of
-    one); returns the loss history and seconds. With `config.patience`, it stops when the validation loss has not
+                    config: TrainConfig | None = None, trainer=AnswerLossTrainer, name: str = "train", **training_args) -> dict:
+    """Train `model` on encoded examples as `config` says with `trainer` (`AnswerLossTrainer`, the HF Trainer, a
+    subclass, or a partial of one); returns the loss history and seconds. With `config.patience`, it stops when the validation loss has not
     improved for that many evaluations and ends on its best checkpoint. `training_args`: more `TrainingArguments`."""
     config = config or TrainConfig()
     if not train: raise SlmopsError(f"{name}: no training examples.")

@@ -243,7 +243,7 @@ def test_chapter02_distills_into_a_student_of_another_vocabulary_by_methods(tmp_
     assert {"student_gold_only_accuracy", "student_seq_kd_accuracy"} <= set(metrics) and "student_logit_kd_accuracy" not in metrics
     assert metrics["best_student"] in ("gold_only", "seq_kd") and (out/"02_distillation"/"student"/"config.json").exists()
     r = slmops("run", "02", "-p", "kd_methods=['gold_only', 'kd']", "--out", tmp_path/"bad", "--no-progress", "--profile", "smoke")
-    assert r.returncode == 2 and "kd_methods must be some of ['gold_only', 'seq_kd', 'logit_kd'], got ['gold_only', 'kd']" in r.stderr
+    assert r.returncode == 2 and "kd_methods must be some of ['gold_only', 'seq_kd', 'logit_kd', 'seq_kd_scratch'], got ['gold_only', 'kd']" in r.stderr
 
 
 def test_every_chapter_on_your_own_data(tmp_path, intents_files):

