@@ -322,13 +322,14 @@ class LlamaCppModel(ChatModel):
 @patch
 def next_token_logits(self: LlamaCppModel, prompts: list[str]) -> np.ndarray:
     """The logits of the token after each prompt (a user message in the chat template), as `GenAIModel`'s: llama.cpp
-    evaluates the prompt and keeps its last row."""
+    evaluates the prompt; its context holds the last position's logits."""
     rows = []
     with self._one_at_a_time:
         for p in prompts:
             self.llm.reset()
             self.llm.eval(self.prompt_ids([{"role": "user", "content": p}]))
-            rows.append(np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32))
+            last = self.llm._ctx.get_logits_ith(-1)  # its scores keep no logits unless every position's are asked for
+            rows.append(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).astype(np.float32))
     return np.stack(rows)
 
 # %% ../nbs/00g_runtimes.ipynb #c018

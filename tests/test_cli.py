@@ -145,8 +145,12 @@ def test_whole_workbook_smoke_run(tmp_path, monkeypatch):
         assert v["size_bytes"] > 0 and v["tokens_per_second"] > 0 and v["peak_memory_mb"] > 0 and 0 <= v["quality"] <= 1, name
     assert frontier["ort_int4_rtn_b32_sym"]["size_bytes"] < 0.3 * frontier["ort_fp32"]["size_bytes"]
     assert dep["vs_llama_cpp"]["decode_ratio"] > 0 and dep["vs_llama_cpp"]["ttft_ratio"] > 0  # ONNX Runtime GenAI over llama.cpp
-    quality = dep["vs_llama_cpp"]["quality"]  # the recommended variant, the fastest at fp32's quality (if another), two GGUF types
-    assert {dep["recommended"]["name"], "llama_cpp_q4_0", "llama_cpp_q4_k_m"} <= set(quality) and len(quality) <= 4
+    quality = dep["vs_llama_cpp"]["quality"]  # the three conversions, the recommended variant, the fastest at fp32's quality, two GGUF types
+    assert {"ort_fp32", "ort_int8", "ort_int4", dep["recommended"]["name"], "llama_cpp_q4_0", "llama_cpp_q4_k_m"} <= set(quality) and len(quality) <= 7
+    rows = {r["name"]: r for r in dep["vs_llama_cpp"]["rows"]}  # each against fp32, and against the machine's bandwidth
+    assert rows["ort_fp32"]["agreement"] == 1 and rows["ort_fp32"]["kl"] < 1e-6 and rows["ort_fp32"]["mcnemar_p"] == 1
+    assert all(0 <= r["agreement"] <= 1 and r["kl"] >= 0 and r["bandwidth_share"] > 0 and r["tokens_per_second_1t"] > 0 for r in rows.values())
+    assert dep["vs_llama_cpp"]["bandwidth_gbps"]["1"] > 0
     par = dep["vs_llama_cpp"]["at_equal_quality"]
     assert quality[par["genai"]] >= quality["llama_cpp_q4_k_m"] and par["decode_ratio"] > 0 if "genai" in par else par["skipped"]
     best = frontier[dep["recommended"]["name"]]  # the fastest within the tolerance of fp32
