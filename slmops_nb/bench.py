@@ -10,6 +10,7 @@ import json
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,12 @@ from .data import Task, render_chat
 from .evaluate import HEADLINE, POINTS, task_predictions, task_scores
 from .measure import PeakMemory, Timer, dir_size, latency_stats, percentile
 from .models import build_workbench, load_model, load_tokenizer
-from .runtimes import RUNTIMES, check_genai_folder, cpu_threads, load_runtime, thread_limit
+from .runtimes import RUNTIMES, GenAIModel, check_genai_folder, cpu_threads, load_runtime, thread_limit
 
 # %% auto #0
 __all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output', 'peak_memory',
            'screen_quality', 'broken_variants', 'frontier', 'recommend', 'memory_bandwidth', 'weight_bytes_per_token',
-           'kl_divergence', 'mcnemar_p', 'decode_figures', 'benchmark_workbench']
+           'kl_divergence', 'mcnemar_p', 'decode_figures', 'decode_profile', 'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -259,28 +260,55 @@ def decode_figures(variants: dict, measured: dict, task: Task, records: list[dic
                    max_new_tokens: int = 32, threads=(1, 2)) -> dict:
     """Per variant of `frontier` ({name: (runtime, folder)}, its `measured` figures with answers, the first the
     reference): agreement, mcnemar_p and kl against the reference; weight bytes a token; at each thread count, decode
-    tokens/s and `bandwidth_share`; and the machine's bandwidth."""
+    tokens/s and `bandwidth_share` (at `cpu_threads()`, the count `frontier` timed at, `measured`'s own figure); and
+    the machine's bandwidth."""
     bandwidth = {t: memory_bandwidth(t) for t in threads}
     gold, ref = [task.answer(r) for r in records], next(iter(variants))
     right = {n: [a == g for a, g in zip(measured[n]["answers"], gold)] for n in variants}
     logits, out = {}, {"bandwidth_gbps": bandwidth}
     for name, (kind, folder) in variants.items():
-        per_token, speed = weight_bytes_per_token(kind, folder), {}
-        for t in threads:
+        tps = {t: measured[name]["tokens_per_second"] for t in threads if t == cpu_threads()}  # timed by frontier
+        for t in [t for t in threads if t not in tps] or [cpu_threads()]:  # one load at least, for the logits
             with thread_limit(t):
                 model = load_runtime(kind, folder, name)
                 try:
-                    timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
-                    reqs = [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
-                    if t == threads[-1]: logits[name] = model.next_token_logits(prompts)
+                    if t not in tps:
+                        timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
+                        reqs = [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+                        tps[t] = sum(r["tokens"] - 1 for r in reqs) / sum(r["decode_seconds"] for r in reqs)
+                    if name not in logits: logits[name] = model.next_token_logits(prompts)
                 finally: model.close()
-            tps = sum(r["tokens"] - 1 for r in reqs) / sum(r["decode_seconds"] for r in reqs)
-            speed[t] = {"tokens_per_second": tps, "bandwidth_share": per_token * tps / (bandwidth[t] * 1e9)}
+        per_token = weight_bytes_per_token(kind, folder)
         same = [a == b for a, b in zip(measured[name]["answers"], measured[ref]["answers"])]
-        out[name] = {"weight_bytes_per_token": per_token, "by_threads": speed, "agreement": sum(same) / len(same),
+        out[name] = {"weight_bytes_per_token": per_token, "agreement": sum(same) / len(same),
+                     "by_threads": {t: {"tokens_per_second": tps[t], "bandwidth_share": per_token * tps[t] / (bandwidth[t] * 1e9)}
+                                    for t in threads},
                      "mcnemar_p": mcnemar_p(right[ref], right[name]),
                      "kl": kl_divergence(logits[ref], logits[name]) if logits[name].shape == logits[ref].shape else None}
     return out
+
+# %% ../nbs/00j_bench.ipynb #bw11
+def decode_profile(folder, prompt: str = "Write a short story about the sea.", max_new_tokens: int = 64,
+                   threads: int | None = None, top: int = 8) -> dict:
+    """A decode step of GenAI `folder` (at `threads`, `cpu_threads()` by default) by ONNX Runtime's profiler: ms a token
+    as the caller sees it, ms in the session's runs, and per operator type and for the `top` nodes, ms a step."""
+    with tempfile.TemporaryDirectory(prefix="slmops-profile-") as tmp, thread_limit(threads or cpu_threads()):
+        model = GenAIModel(folder, session_options={"enable_profiling": str(Path(tmp)/"ort")})
+        req = timed_request(model, [{"role": "user", "content": prompt}], max_new_tokens)
+        del model; gc.collect()  # the session writes its profile when it ends
+        events = json.loads(next(Path(tmp).glob("ort*.json")).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    if len(runs) < 2: raise SlmopsError(f"{folder}: the profile holds {len(runs)} session run(s); a decode needs two or more.")
+    decode = runs[1:]  # the first run reads the prompt
+    steps, by_op, by_node = len(decode), Counter(), Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and any(a <= e["ts"] < b for a, b in decode):
+            by_op[e["args"]["op_name"]] += e["dur"] / 1000 / steps
+            by_node[e["name"].removesuffix("_kernel_time")] += e["dur"] / 1000 / steps
+    return {"threads": threads or cpu_threads(), "steps": steps,
+            "token_ms": 1000 * req["decode_seconds"] / max(req["tokens"] - 1, 1),
+            "run_ms": sum(b - a for a, b in decode) / 1000 / steps, "op_ms": sum(by_op.values()),
+            "by_op_ms": dict(by_op.most_common()), "top_nodes_ms": dict(by_node.most_common(top))}
 
 # %% ../nbs/00j_bench.ipynb #c016
 def benchmark_workbench(fresh: bool = False) -> dict:

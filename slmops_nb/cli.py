@@ -24,8 +24,8 @@ from .core import PROFILES, SlmopsError, quiet, to_jsonable, write_json
 
 # %% auto #0
 __all__ = ['COMMANDS', 'SHORT_FLAGS', 'RENAMED', 'subcommand', 'settings_class', 'options', 'add_option', 'Renamed', 'cmd_run',
-           'cmd_list', 'cmd_workbench', 'cmd_finetune', 'cmd_export', 'cmd_serve', 'cmd_bench', 'cmd_monitor',
-           'cmd_promote', 'parser', 'main']
+           'cmd_list', 'cmd_workbench', 'cmd_finetune', 'cmd_export', 'cmd_serve', 'cmd_bench', 'cmd_profile',
+           'cmd_monitor', 'cmd_promote', 'parser', 'main']
 
 # %% ../nbs/00m_cli.ipynb #c005
 COMMANDS: dict = {}  # name → (function, the settings dataclasses its keyword arguments take), in order
@@ -211,6 +211,22 @@ def cmd_bench(variants: Param("NAME=RUNTIME:FOLDER, e.g. pytorch_fp32=pytorch:ru
     from slmops_nb.data import load_task
     bench_folders(variants, out, requests, max_new_tokens, eval_limit, foundry_home,
                   load_task(task_file) if task_file else None)
+    print(f"wrote {out}")
+    return 0
+
+# %% ../nbs/00m_cli.ipynb #c015p
+@subcommand()
+def cmd_profile(folder: str,  # an ONNX Runtime GenAI folder (slmops export writes them)
+                out: str = "profile.json",  # the JSON file to write
+                prompt: str = "Write a short story about the sea.",  # the prompt it answers
+                max_new_tokens: int = 64,  # tokens it decodes
+                threads: int = 0) -> int:  # threads, 0 means one a physical core or OMP_NUM_THREADS
+    "where a GenAI folder's decode step spends its time, by ONNX Runtime's profiler, into a JSON file"
+    from slmops_nb.bench import decode_profile
+    result = decode_profile(folder, prompt, max_new_tokens, threads or None)
+    write_json(out, result)
+    ops = ", ".join(f"{k} {v:.2f}" for k, v in list(result["by_op_ms"].items())[:5])
+    print(f"{result['token_ms']:.2f} ms a token, {result['run_ms']:.2f} in the session's runs; ms by operator: {ops}")
     print(f"wrote {out}")
     return 0
 

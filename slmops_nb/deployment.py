@@ -31,24 +31,28 @@ from .tools import ToolError, olive_run_config, olive_run_configs, olive_workflo
 from .train import task_examples
 
 # %% auto #0
-__all__ = ['GGUF_TYPES', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAMA_SDIST_DIR', 'TOKENIZER_FILES', 'DECODE_DIMS', 'SESSION_THREADS',
-           'finetuned_models', 'check_int4', 'builder_architectures', 'check_exportable', 'olive_build',
-           'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8', 'builder_config',
-           'build_direct', 'int4_limit', 'exportable_adapter', 'ExportConfig', 'export_model', 'export_variants',
-           'genai_input', 'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow', 'build_frontier',
-           'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'shipped_gguf', 'decode_step_inputs',
+__all__ = ['GGUF_TYPES', 'FRONTIER_EXTRAS', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAMA_SDIST_DIR', 'TOKENIZER_FILES', 'DECODE_DIMS',
+           'SESSION_THREADS', 'finetuned_models', 'check_int4', 'builder_architectures', 'check_exportable',
+           'olive_build', 'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8',
+           'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'ExportConfig', 'export_model',
+           'export_variants', 'genai_input', 'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow',
+           'build_frontier', 'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'shipped_gguf', 'decode_step_inputs',
            'session_tuning_workflow', 'tune_session_params', 'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
+FRONTIER_EXTRAS = ("int8", "mixed", "hqq", "kquant")  # the frontier's variants beside int4 RTN (frontier_passes)
 
 EXPORT_SIZES = {"bench_requests": {"default": 20, "smoke": 4, "real": 6},
                 "eval_limit": {"default": 10**9, "smoke": 64, "real": 150},
                 "server_requests": {"default": 200, "smoke": 24, "real": 48},
                 "soak_requests": {"default": 500, "smoke": 50, "real": 60},
+                "structured_records": {"default": 10**9, "smoke": 10**9, "real": 48},  # answered three ways each
                 "teacher_inputs": {"default": 64, "smoke": 16, "real": 16},  # inputs the served model labels as a teacher
                 # int4 RTN variants: each symmetric and not
-                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,), "real": (32, 128)},
+                "frontier_block_sizes": {"default": (16, 32, 64, 128), "smoke": (32,), "real": (32,)},
+                # real: HQQ's int4 answers nothing right on any model here (see the frontier), and slowly
+                "frontier_extras": {"default": FRONTIER_EXTRAS, "smoke": FRONTIER_EXTRAS, "real": ("int8", "mixed", "kquant")},
                 "gguf_types": {"default": GGUF_TYPES, "smoke": ("q4_0", "q4_k_m"), "real": ("q8_0", "q4_0", "q4_k_m")}}
 
 # %% ../nbs/04_deployment.ipynb #c56c7303
@@ -338,18 +342,24 @@ def embedding_and_head(fp32_folder) -> tuple[str, str]:
     return embed[0], head[0]
 
 # %% ../nbs/04_deployment.ipynb #fr04
-def frontier_passes(fp32_folder, block_sizes=(16, 32, 64, 128), accuracy_level: int = 4) -> dict:
+def frontier_passes(fp32_folder, block_sizes=(16, 32, 64, 128), extras=FRONTIER_EXTRAS, accuracy_level: int = 4) -> dict:
     """The weight-only variants of a GenAI fp32 folder, as Olive passes by name: int4 RTN at each block size, symmetric
-    or not; int4 with the embeddings and `lm_head` at int8; HQQ; k-quant."""
+    or not; and those of `extras`: int8 weights only (the activations stay fp32: Olive's int8, dynamic quantization,
+    makes them int8 too); int4 with the embeddings and `lm_head` at int8; HQQ; k-quant."""
+    if unknown := set(extras) - set(FRONTIER_EXTRAS):
+        raise SlmopsError(f"Unknown frontier variants {sorted(unknown)}: choose among {FRONTIER_EXTRAS}.")
     rtn = lambda **kw: {"type": "OnnxBlockWiseRtnQuantization", "accuracy_level": accuracy_level, **kw}
     variants = {f"ort_int4_rtn_b{b}_{'sym' if sym else 'asym'}": {"rtn": rtn(block_size=b, is_symmetric=sym)}
                 for b in block_sizes for sym in (True, False)}
-    variants["ort_int4_mixed"] = {
-        "int8": rtn(bits=8, block_size=32, nodes_to_include=list(embedding_and_head(fp32_folder))),
-        "int4": rtn(block_size=32)
-    }  # the second pass finds those two already quantized
+    if "int8" in extras: variants["ort_int8_rtn_b32"] = {"rtn": rtn(bits=8, block_size=32)}
+    if "mixed" in extras:
+        variants["ort_int4_mixed"] = {
+            "int8": rtn(bits=8, block_size=32, nodes_to_include=list(embedding_and_head(fp32_folder))),
+            "int4": rtn(block_size=32)
+        }  # the second pass finds those two already quantized
     for name, kind in (("hqq", "OnnxHqqQuantization"), ("kquant", "OnnxKQuantQuantization")):
-        variants[f"ort_int4_{name}"] = {name: {"type": kind, "block_size": 32, "accuracy_level": accuracy_level}}
+        if name in extras:
+            variants[f"ort_int4_{name}"] = {name: {"type": kind, "block_size": 32, "accuracy_level": accuracy_level}}
     return variants
 
 # %% ../nbs/04_deployment.ipynb #fr05
@@ -369,14 +379,15 @@ def gptq_workflow(merged, data_file, text_template: str, samples: int = 128, max
         data_configs=[text_data_config("calibration", data_file, text_template, max_seq_len, samples, "line-by-line")])
 
 # %% ../nbs/04_deployment.ipynb #fr06
-def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128)) -> dict:
-    """Every frontier variant: the weight-only ones of the GenAI `fp32_folder` into out/frontier/NAME (one Olive
+def build_frontier(merged, fp32_folder, out, calibration: tuple, block_sizes=(16, 32, 64, 128),
+                   extras=FRONTIER_EXTRAS) -> dict:
+    """Every frontier variant: the weight-only ones (`frontier_passes`) of the GenAI `fp32_folder` into out/frontier/NAME (one Olive
     process), GPTQ of `merged` into out/ort_int4_gptq beside it; {name: folder}. `calibration`: (data file, text
     template) for GPTQ."""
     out = Path(out)
     with ThreadPoolExecutor(1) as side:
         gptq = side.submit(olive_run_config, gptq_workflow(merged, *calibration), out/"ort_int4_gptq", GENAI_FILES)
-        built = quantize_genai(fp32_folder, out/"frontier", frontier_passes(fp32_folder, block_sizes))
+        built = quantize_genai(fp32_folder, out/"frontier", frontier_passes(fp32_folder, block_sizes, extras))
         return {**built, "ort_int4_gptq": gptq.result()}
 
 # %% ../nbs/04_deployment.ipynb #fr10

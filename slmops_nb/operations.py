@@ -27,7 +27,8 @@ __all__ = ['OPS_SIZES', 'registered_champion', 'shifted_records', 'week_of_traff
 # %% ../nbs/05_operations.ipynb #o5011
 OPS_SIZES = {"windows": {"default": 8, "smoke": 6, "real": 6}, "per_window": {"default": 100, "smoke": 40, "real": 40},
              "canary_requests": {"default": 400, "smoke": 120, "real": 120}, "holdout": {"default": 300, "smoke": 60, "real": 60},
-             "epochs": {"default": 3, "smoke": 1, "real": 1}}
+             "epochs": {"default": 3, "smoke": 1, "real": 1},
+             "lr": {"default": 1e-3, "smoke": 1e-3, "real": 2.5e-4}}  # the challenger's: below chapter 03's
 
 # %% ../nbs/05_operations.ipynb #o5012
 def registered_champion(run, name: str) -> tuple[Path, str]:

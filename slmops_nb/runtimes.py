@@ -157,17 +157,17 @@ def thread_limit(threads: int):
 # %% ../nbs/00g_runtimes.ipynb #c014
 class GenAIModel(ChatModel):
     """An ONNX Runtime GenAI folder: chat prompts from its chat template, greedy streaming generation, LoRA adapters
-    per request."""
+    per request; `session_options` for its decoder's ONNX Runtime session (`enable_profiling`: a file prefix)."""
     token_probs = True  # stream(..., probs=[]) reports how sure the model was of each token
     can_guide = True  # stream(..., guidance=...) constrains the answer
-    def __init__(self, folder, name: str | None = None):
+    def __init__(self, folder, name: str | None = None, session_options: dict | None = None):
         import onnxruntime_genai as og
         self.og, self.folder = og, check_genai_folder(folder).resolve()
         self.name = name or self.folder.name
         config = og.Config(str(self.folder))
-        if os.environ.get("OMP_NUM_THREADS"):  # a thread limit, which ONNX Runtime does not read itself
-            config.overlay(
-                json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
+        options = {**({"intra_op_num_threads": cpu_threads()} if os.environ.get("OMP_NUM_THREADS") else {}),
+                   **(session_options or {})}  # OMP_NUM_THREADS: a thread limit, which ONNX Runtime does not read itself
+        if options: config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = load_chat_tokenizer(self.folder)  # the chat template and the stop tokens

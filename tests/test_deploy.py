@@ -127,7 +127,8 @@ def test_olive_quantization_makes_a_folder_genai_runs(genai_dir, tmp_path):
     "Olive's RTN pass renames the logits output; quantize_genai points genai_config.json at it, so the folder runs."
     from slmops_nb.deployment import fit_genai_outputs, frontier_passes, quantize_genai
     passes = frontier_passes(genai_dir, block_sizes=(32,))
-    assert set(passes) == {"ort_int4_rtn_b32_sym", "ort_int4_rtn_b32_asym", "ort_int4_mixed", "ort_int4_hqq", "ort_int4_kquant"}
+    assert set(passes) == {"ort_int4_rtn_b32_sym", "ort_int4_rtn_b32_asym", "ort_int8_rtn_b32", "ort_int4_mixed", "ort_int4_hqq",
+                           "ort_int4_kquant"}
     assert passes["ort_int4_mixed"]["int8"]["nodes_to_include"] == ["/model/embed_tokens/Gather", "/lm_head/MatMul"]
     two = quantize_genai(genai_dir, tmp_path/"int4", {n: passes[n] for n in ("ort_int4_rtn_b32_sym", "ort_int4_mixed")})
     assert list(two) == ["ort_int4_rtn_b32_sym", "ort_int4_mixed"] and all(f.parent == tmp_path/"int4" for f in two.values())
@@ -194,6 +195,18 @@ def test_slmops_bench_writes_bench_json(genai_dir, tmp_path):
         assert bench[name]["tokens_per_request"] == 8
     bad = subprocess.run([SLMOPS, "bench", "x=onnx:/nowhere"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Unknown runtime" in bad.stderr
+
+
+def test_slmops_profile_splits_a_decode_step_by_operator(genai_dir, tmp_path):
+    out = tmp_path/"profile.json"
+    r = subprocess.run([SLMOPS, "profile", str(genai_dir), "--max-new-tokens", "6", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = read_json(out)
+    assert prof["steps"] == 5 and prof["threads"] == 1 and "ms a token" in r.stdout
+    assert 0 < prof["op_ms"] <= prof["run_ms"] <= prof["token_ms"] and sum(prof["by_op_ms"].values()) == pytest.approx(prof["op_ms"])
+    bad = subprocess.run([SLMOPS, "profile", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "genai_config.json" in bad.stderr
 
 
 def test_olive_model_builder_failure_is_a_clear_error(tmp_path):
