@@ -28,7 +28,8 @@ from .runtimes import RUNTIMES, GenAIModel, check_genai_folder, cpu_threads, loa
 # %% auto #0
 __all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output', 'peak_memory',
            'screen_quality', 'broken_variants', 'frontier', 'recommend', 'memory_bandwidth', 'weight_bytes_per_token',
-           'kl_divergence', 'mcnemar_p', 'decode_figures', 'decode_profile', 'benchmark_workbench']
+           'kl_divergence', 'mcnemar_p', 'decode_figures', 'interleaved_decode', 'decode_profile',
+           'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -286,6 +287,23 @@ def decode_figures(variants: dict, measured: dict, task: Task, records: list[dic
                      "mcnemar_p": mcnemar_p(right[ref], right[name]),
                      "kl": kl_divergence(logits[ref], logits[name]) if logits[name].shape == logits[ref].shape else None}
     return out
+
+# %% ../nbs/00j_bench.ipynb #bw09c
+def interleaved_decode(variants: dict, prompts: list[str], max_new_tokens: int = 32, rounds: int = 3) -> dict:
+    """Decode tokens/s and median first-token ms of `variants` ({name: (runtime, folder)}), loaded together and timed in
+    turns: each times all `prompts` in its turn, `rounds` turns each."""
+    models = {}
+    try:
+        for n, (kind, folder) in variants.items(): models[n] = load_runtime(kind, folder, n)
+        for m in models.values(): timed_request(m, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
+        reqs = {n: [] for n in models}
+        for _ in range(rounds):
+            for n, m in models.items():
+                reqs[n] += [timed_request(m, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+    finally:
+        for m in models.values(): m.close()
+    return {n: {"tokens_per_second": sum(r["tokens"] - 1 for r in rs) / sum(r["decode_seconds"] for r in rs),
+                "ttft_ms": percentile([r["ttft_ms"] for r in rs], 50)} for n, rs in reqs.items()}
 
 # %% ../nbs/00j_bench.ipynb #bw11
 def decode_profile(folder, prompt: str = "Write a short story about the sea.", max_new_tokens: int = 64,

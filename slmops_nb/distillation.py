@@ -33,7 +33,7 @@ __all__ = ['DISTILL_SIZES', 'DROP_REASONS', 'STUDENT', 'TEACHER_LAYERS', 'KD_MET
 # %% ../nbs/02_distillation.ipynb #f2a002
 _KD = ["gold_only", "seq_kd", "logit_kd"]
 DISTILL_SIZES = {"gold_size": {"default": 120, "smoke": 60}, "unlabeled_size": {"default": 6000, "smoke": 600, "real": 600},
-                 "epochs": {"default": 2, "smoke": 2, "real": 3}, "eval_limit": {"default": 10**9, "smoke": 150, "real": 150},
+                 "epochs": {"default": 2, "smoke": 2, "real": 4}, "eval_limit": {"default": 10**9, "smoke": 150, "real": 150},
                  "latency_repeats": {"default": 40, "smoke": 10, "real": 10},
                  "kd_methods": {"default": _KD, "smoke": _KD, "real": _KD + ["seq_kd_scratch"]},
                  # real: the student starts from the teacher's weights, and a sweep is three more students
