@@ -26,10 +26,10 @@ from .models import build_workbench, load_model, load_tokenizer
 from .runtimes import RUNTIMES, GenAIModel, check_genai_folder, cpu_threads, load_runtime, thread_limit
 
 # %% auto #0
-__all__ = ['timed_request', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders', 'structured_output', 'peak_memory',
-           'screen_quality', 'broken_variants', 'frontier', 'recommend', 'memory_bandwidth', 'weight_bytes_per_token',
-           'kl_divergence', 'mcnemar_p', 'decode_figures', 'interleaved_decode', 'decode_profile',
-           'benchmark_workbench']
+__all__ = ['timed_request', 'timed_prompts', 'decode_rate', 'bench_variant', 'run_bench', 'parse_variant', 'bench_folders',
+           'structured_output', 'peak_memory', 'screen_quality', 'broken_variants', 'frontier', 'recommend',
+           'memory_bandwidth', 'weight_bytes_per_token', 'kl_divergence', 'mcnemar_p', 'decode_figures',
+           'interleaved_decode', 'decode_profile', 'benchmark_workbench']
 
 # %% ../nbs/00j_bench.ipynb #c005
 def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict:
@@ -44,6 +44,16 @@ def timed_request(model, messages: list[dict], max_new_tokens: int = 32) -> dict
         "tokens": len(times), "decode_seconds": times[-1] - times[0] if len(times) > 1 else 0.0, "text": "".join(pieces)
     }
 
+def timed_prompts(model, prompts: list[str], max_new_tokens: int = 32, warm_up: bool = True) -> list[dict]:
+    "`timed_request` of each prompt (a user message), after one untimed request when `warm_up`."
+    if warm_up: timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)
+    return [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+
+def decode_rate(reqs: list[dict]) -> float:
+    "Decode tokens per second of timed requests (their first tokens left out: the prompt's cost); 0 if none decoded."
+    seconds = sum(r["decode_seconds"] for r in reqs)
+    return sum(max(r["tokens"] - 1, 0) for r in reqs) / seconds if seconds else 0.0
+
 # %% ../nbs/00j_bench.ipynb #c008
 def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records: list[dict],
                   max_new_tokens: int = 32) -> tuple[dict, object]:
@@ -53,15 +63,13 @@ def bench_variant(load, size_bytes: int, prompts: list[str], task: Task, records
     gc.collect()
     with PeakMemory(interval=0.05) as mem:
         with Timer() as t_load: model = load()
-        timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
-        reqs = [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+        reqs = timed_prompts(model, prompts, max_new_tokens)
         pred = model.predict(task, records)
-    decoded, decode_s = sum(max(r["tokens"] - 1, 0) for r in reqs), sum(r["decode_seconds"] for r in reqs)
     lat = [r["ms"] for r in reqs]
     return {
         "size_bytes": size_bytes, "load_seconds": t_load.seconds, "ttft_ms": percentile([r["ttft_ms"] for r in reqs],
                                                                                         50),
-        "tokens_per_second": decoded / decode_s if decode_s else 0.0, "latency_ms_p50": percentile(lat, 50),
+        "tokens_per_second": decode_rate(reqs), "latency_ms_p50": percentile(lat, 50),
         "latency_ms_p95": percentile(lat, 95), "peak_memory_mb": mem.delta_mb,
         "tokens_per_request": sum(r["tokens"] for r in reqs) / len(reqs),
         **task_scores(task, pred, [task.answer(r) for r in records]), "answers": pred
@@ -273,10 +281,7 @@ def decode_figures(variants: dict, measured: dict, task: Task, records: list[dic
             with thread_limit(t):
                 model = load_runtime(kind, folder, name)
                 try:
-                    if t not in tps:
-                        timed_request(model, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
-                        reqs = [timed_request(model, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
-                        tps[t] = sum(r["tokens"] - 1 for r in reqs) / sum(r["decode_seconds"] for r in reqs)
+                    if t not in tps: tps[t] = decode_rate(timed_prompts(model, prompts, max_new_tokens))
                     if name not in logits: logits[name] = model.next_token_logits(prompts)
                 finally: model.close()
         per_token = weight_bytes_per_token(kind, folder)
@@ -295,14 +300,13 @@ def interleaved_decode(variants: dict, prompts: list[str], max_new_tokens: int =
     models = {}
     try:
         for n, (kind, folder) in variants.items(): models[n] = load_runtime(kind, folder, n)
-        for m in models.values(): timed_request(m, [{"role": "user", "content": prompts[0]}], max_new_tokens)  # warm-up
+        for m in models.values(): timed_prompts(m, prompts[:1], max_new_tokens, warm_up=False)  # warm-up
         reqs = {n: [] for n in models}
         for _ in range(rounds):
-            for n, m in models.items():
-                reqs[n] += [timed_request(m, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+            for n, m in models.items(): reqs[n] += timed_prompts(m, prompts, max_new_tokens, warm_up=False)
     finally:
         for m in models.values(): m.close()
-    return {n: {"tokens_per_second": sum(r["tokens"] - 1 for r in rs) / sum(r["decode_seconds"] for r in rs),
+    return {n: {"tokens_per_second": decode_rate(rs),
                 "ttft_ms": percentile([r["ttft_ms"] for r in rs], 50)} for n, rs in reqs.items()}
 
 # %% ../nbs/00j_bench.ipynb #bw11
