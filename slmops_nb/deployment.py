@@ -36,8 +36,9 @@ __all__ = ['GGUF_TYPES', 'FRONTIER_EXTRAS', 'EXPORT_SIZES', 'BLOCK_SIZES', 'LLAM
            'olive_build', 'olive_optimize', 'fit_genai_outputs', 'runnable', 'olive_quantize', 'olive_int8',
            'builder_config', 'build_direct', 'int4_limit', 'exportable_adapter', 'ExportConfig', 'export_model',
            'export_variants', 'genai_input', 'quantize_genai', 'embedding_and_head', 'frontier_passes', 'gptq_workflow',
-           'build_frontier', 'frontier_plot', 'llama_cpp_sources', 'gguf_export', 'shipped_gguf', 'decode_step_inputs',
-           'session_tuning_workflow', 'tune_session_params', 'with_session_options']
+           'build_frontier', 'frontier_plot', 'change_to_int4_error', 'llama_cpp_sources', 'gguf_export',
+           'shipped_gguf', 'decode_step_inputs', 'session_tuning_workflow', 'tune_session_params',
+           'with_session_options']
 
 # %% ../nbs/04_deployment.ipynb #f4a001
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # llama.cpp's types gguf_export makes
@@ -421,6 +422,27 @@ def frontier_plot(rows: list[dict], recommended: str, path=None, span_points: fl
     fig.tight_layout(rect=(0, 0.05 if far else 0, 1, 1))
     if path: fig.savefig(path, dpi=100)
     return fig
+
+# %% ../nbs/04_deployment.ipynb #fr11d
+def change_to_int4_error(base_weights: dict, tuned_weights: dict, block_size: int = 32) -> dict:
+    """rms(tuned - base) / rms(int4 RTN error of tuned) over the 2-D weights both state dicts hold but the embeddings
+    (and an output layer tied to them), overall and by layer name (`q_proj`, ...): how large fine-tuning's change is
+    beside int4's rounding."""
+    import torch
+    sums, tied = {}, {w.data_ptr() for k, w in tuned_weights.items() if "embed" in k}
+    for k, w in tuned_weights.items():
+        if w.ndim != 2 or "embed" in k or w.data_ptr() in tied or k not in base_weights: continue
+        w = w.float()
+        x = torch.nn.functional.pad(w, (0, -w.shape[-1] % block_size)).reshape(-1, block_size)  # a short last block
+        scale = (x.abs().amax(1, keepdim=True) / 7).clamp_min(1e-12)
+        err = (torch.round(x / scale).clamp(-8, 7) * scale - x).pow(2).sum().item()
+        change = (w - base_weights[k].float()).pow(2).sum().item()
+        for key in ("all", k.split(".")[-2]):
+            c, e = sums.get(key, (0.0, 0.0))
+            sums[key] = (c + change, e + err)
+    if not sums: raise SlmopsError("No 2-D weights in common: give the state dicts of a base and of a model fine-tuned from it.")
+    ratio = {k: (c / e) ** 0.5 if e else 0.0 for k, (c, e) in sums.items()}
+    return {"ratio": ratio.pop("all"), "by_layer": ratio}
 
 # %% ../nbs/04_deployment.ipynb #lc01
 LLAMA_SDIST_DIR = Path(sys.prefix)/"share"/"slmops_nb"  # make setup keeps llama-cpp-python's source release here

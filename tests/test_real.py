@@ -4,7 +4,7 @@ import pytest
 from openai import OpenAI
 
 from slmops_nb.adapt import FinetuneConfig, finetune, load_adapters, lora_targets, merge_adapter
-from slmops_nb.data import Task, tone_split
+from slmops_nb.data import Task, render_chat, tone_split
 from slmops_nb.evaluate import logit_gap, next_token_logits
 from slmops_nb.bench import kl_divergence, weight_bytes_per_token
 from slmops_nb.deployment import build_direct, shipped_gguf
@@ -28,6 +28,8 @@ def test_the_real_model_is_an_ordinary_folder_that_knows_the_world(real):
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert resolve_model(REAL) == real and load_tokenizer(real).eos_token == "<|im_end|>"
+    # a prompt is the user's turn alone: the GGUF template's default system turn is left out
+    assert render_chat(load_tokenizer(real), ASK, True) == f"<|im_start|>user\n{ASK[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
     assert "Paris" in TorchModel(real).chat(ASK, 16)  # a random model of this shape cannot say it
 
 
