@@ -41,9 +41,9 @@ def check_methods(methods) -> list[str]:
 _ALL = ["full", "lora", "qlora", "ia3", "olive_lora", "olive_qlora", "lora_as_olive", "qlora_as_olive"]
 FINETUNE_SIZES = {"epochs": {"default": 2, "smoke": 2},  # smoke: 32 steps, what a label in another script needs
                   "max_steps": {"default": 0, "smoke": 0, "real": 48},  # real: one step budget, 48 steps of 8
+                  "methods": {"default": _ALL, "smoke": _ALL, "real": ["full", "lora", "qlora", "ia3", "olive_lora"]},
                   # real at 2e-3 too: at 5e-4 the LoRA's change was a twentieth of int4's rounding error, and int4 lost
                   # what it taught (chapter 04, change_to_int4_error)
-                  "methods": {"default": _ALL, "smoke": _ALL, "real": ["full", "lora", "qlora", "ia3", "olive_lora"]},
                   "lr": {"default": 2e-3, "smoke": 2e-3}, "full_lr": {"default": 5e-4, "smoke": 5e-4, "real": 5e-5},
                   "ia3_lr": {"default": 1e-1, "smoke": 1e-1},
                   "train_limit": {"default": 10**9, "smoke": 128}, "eval_limit": {"default": 10**9, "smoke": 64, "real": 150},
