@@ -165,9 +165,13 @@ class GenAIModel(ChatModel):
         self.og, self.folder = og, check_genai_folder(folder).resolve()
         self.name = name or self.folder.name
         config = og.Config(str(self.folder))
-        options = {**({"intra_op_num_threads": cpu_threads()} if os.environ.get("OMP_NUM_THREADS") else {}),
-                   **(session_options or {})}  # OMP_NUM_THREADS: a thread limit, which ONNX Runtime does not read itself
-        if options: config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        own = read_json(self.folder/"genai_config.json")["model"]["decoder"].get("session_options", {})
+        # the thread count always set: ONNX Runtime left to choose its own decodes slower on as many cores (chapter 04's
+        # session tuning measures it); a limit (OMP_NUM_THREADS, which ONNX Runtime does not read) wins over the folder's
+        threads = {} if "intra_op_num_threads" in own and not os.environ.get("OMP_NUM_THREADS") else {
+            "intra_op_num_threads": cpu_threads()}
+        options = {**threads, **(session_options or {})}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = load_chat_tokenizer(self.folder)  # the chat template and the stop tokens
