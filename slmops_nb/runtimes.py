@@ -165,7 +165,8 @@ class GenAIModel(ChatModel):
         self.og, self.folder = og, check_genai_folder(folder).resolve()
         self.name = name or self.folder.name
         config = og.Config(str(self.folder))
-        own = read_json(self.folder/"genai_config.json")["model"]["decoder"].get("session_options", {})
+        cfg = read_json(self.folder/"genai_config.json")["model"]
+        own = cfg["decoder"].get("session_options", {})
         # the thread count always set: ONNX Runtime left to choose its own decodes slower on as many cores (chapter 04's
         # session tuning measures it); a limit (OMP_NUM_THREADS, which ONNX Runtime does not read) wins over the folder's
         threads = {} if "intra_op_num_threads" in own and not os.environ.get("OMP_NUM_THREADS") else {
@@ -175,7 +176,6 @@ class GenAIModel(ChatModel):
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_tokenizer = load_chat_tokenizer(self.folder)  # the chat template and the stop tokens
-        cfg = read_json(self.folder/"genai_config.json")["model"]
         eos = cfg.get("eos_token_id", [])
         self.stop_ids = set(stop_token_ids(self.chat_tokenizer)) | set(eos if isinstance(eos, list) else [eos])
         self.context_length = cfg["context_length"]
